@@ -1,0 +1,158 @@
+"""One decoder-only LM class for the Llama, Mistral, Qwen2/3 and Gemma 3 families.
+
+Family differences are config switches (``model/config.py``): q/k/v bias
+(Qwen2), per-head q/k RMSNorm (Qwen3, Gemma 3), Gemma's (1 + w) norms with
+post-attention / pre- and post-feed-forward norms, scaled embeddings, sliding
+window layers with their own RoPE base, attention and final logit soft-capping.
+
+The forward pass works on a flat ragged batch of ``T`` tokens and the paged KV
+cache stacked over layers. Layers are unrolled in Python so each layer's cache
+write is an in-place scatter into the (donated) stacked cache.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from model.attention import AttentionMetadata, KVCache
+from model.config import ModelConfig
+from model.layers import MLP, Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq
+from pallas_kernels.dispatch import ragged_paged_attention, write_kv
+
+
+class Attention(nnx.Module):
+    """Grouped-query self-attention of one layer over the paged cache."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        c = config
+        self.layer = layer
+        self.num_heads = c.num_heads
+        self.num_kv_heads = c.num_kv_heads
+        self.head_dim = c.head_dim
+        self.sm_scale = c.sm_scale
+        self.sliding_window = c.layer_sliding_window(layer)
+        self.soft_cap = c.attn_logit_softcapping
+        self.rope_theta, self.rope_scaling = c.layer_rope(layer)
+        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+        self.q_proj = Linear(c.hidden_size, q_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
+            self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
+        else:
+            self.q_norm = self.k_norm = None
+
+    def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: KVCache,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        """``x: [T, hidden] -> ([T, hidden], updated cache)``."""
+        num_tokens = x.shape[0]
+        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+
+        k_cache, v_cache = write_kv(kv_cache.k, kv_cache.v, self.layer, k, v, md.slot_mapping,
+                                    backend=md.attention_backend)
+        out = ragged_paged_attention(
+            q, k_cache, v_cache, self.layer, md.block_tables, md.seq_lens, md.query_start_loc,
+            max_q_len=md.max_q_len, sm_scale=self.sm_scale, sliding_window=self.sliding_window,
+            soft_cap=self.soft_cap, backend=md.attention_backend)  # [T, Hq, D]
+        out = self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
+        return out, KVCache(k_cache, v_cache)
+
+
+class DecoderLayer(nnx.Module):
+    """Pre-norm transformer block (Gemma: with post-attention/feed-forward norms)."""
+
+    def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
+        c = config
+        norm = lambda: RMSNorm(c.hidden_size, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)  # noqa: E731
+        self.gemma = c.is_gemma
+        self.input_layernorm = norm()
+        self.self_attn = Attention(c, layer, dtype=dtype, rngs=rngs)
+        self.post_attention_layernorm = norm()
+        if c.is_gemma:
+            self.pre_feedforward_layernorm = norm()
+            self.post_feedforward_layernorm = norm()
+        self.mlp = MLP(c.hidden_size, c.intermediate_size, hidden_act=c.hidden_act,
+                       dtype=dtype, rngs=rngs)
+
+    def __call__(self, x, positions, kv_cache, md):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
+        if self.gemma:
+            x = x + self.post_attention_layernorm(h)
+            x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            x = x + h
+            x = x + self.mlp(self.post_attention_layernorm(x))
+        return x, kv_cache
+
+
+class DecoderLM(nnx.Module):
+    """Decoder-only causal LM over a ragged batch and a paged KV cache.
+
+    Args:
+      config: the model configuration.
+      dtype: parameter and activation dtype ("float32" or "bfloat16"); norms,
+        softmax and attention scores accumulate in float32.
+      rngs: initialisers' randomness (use ``nnx.eval_shape`` to skip allocation).
+    """
+
+    def __init__(self, config: ModelConfig, *, dtype="float32", rngs: nnx.Rngs):
+        dtype = jnp.dtype(dtype)
+        if dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
+            raise ValueError(f"dtype must be float32 or bfloat16, got {dtype}")
+        c = config
+        self.config = config
+        self.dtype = dtype
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dtype, rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, i, dtype=dtype, rngs=rngs)
+                                for i in range(c.num_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
+        self.lm_head = (None if c.tie_word_embeddings else
+                        Linear(c.hidden_size, c.vocab_size, use_bias=False, dtype=dtype, rngs=rngs))
+
+    def __call__(self, input_ids: jax.Array, positions: jax.Array, kv_cache: KVCache,
+                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
+        """Runs all layers on a ragged batch.
+
+        Args:
+          input_ids: [T] int32 token ids (tokens of all sequences, concatenated).
+          positions: [T] int32 absolute position of each token in its sequence.
+          kv_cache: stacked paged cache; this step's keys/values are written at
+            ``md.slot_mapping``.
+          md: attention metadata of the batch.
+
+        Returns:
+          ``(hidden, kv_cache)``: final-normed hidden states [T, hidden_size]
+          and the updated cache.
+        """
+        x = self.embed_tokens(input_ids)  # [T, hidden]
+        if self.config.is_gemma:
+            # Like transformers: the scale is cast to the weight dtype first.
+            x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
+        for layer in self.layers:
+            x, kv_cache = layer(x, positions, kv_cache, md)
+        return self.norm(x), kv_cache
+
+    def compute_logits(self, hidden: jax.Array) -> jax.Array:
+        """``hidden: [N, hidden_size] -> logits [N, vocab_size]`` float32."""
+        if self.lm_head is None:
+            logits = self.embed_tokens.attend(hidden)
+        else:
+            logits = self.lm_head(hidden)
+        logits = logits.astype(jnp.float32)
+        cap = self.config.final_logit_softcapping
+        if cap is not None:
+            logits = cap * jnp.tanh(logits / cap)
+        return logits

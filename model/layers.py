@@ -1,0 +1,137 @@
+"""Building blocks of the decoder: linear, embedding, RMSNorm, RoPE, gated MLP.
+
+Weights are stored as the math uses them: a linear kernel is ``[in, out]``
+(Hugging Face stores ``[out, in]``; ``model/weights.py`` transposes).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from model.config import RopeScaling
+
+_INIT = nnx.initializers.normal(0.02)
+
+
+class Linear(nnx.Module):
+    """``y = x @ kernel (+ bias)`` with ``kernel: [in_features, out_features]``."""
+
+    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
+                 dtype, rngs: nnx.Rngs):
+        self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), dtype))
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...]  # [..., out_features]
+        if self.bias is not None:
+            y = y + self.bias[...]
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table ``[vocab_size, hidden_size]``."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
+        self.embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, hidden_size), dtype))
+
+    def __call__(self, ids: jax.Array) -> jax.Array:
+        return jnp.take(self.embedding[...], ids, axis=0)  # [T, hidden]
+
+    def attend(self, x: jax.Array) -> jax.Array:
+        """Tied output projection: ``[N, hidden] -> [N, vocab]``."""
+        return x @ self.embedding[...].T
+
+
+class RMSNorm(nnx.Module):
+    """RMSNorm over the last axis, normalised in float32.
+
+    ``gemma=False`` (Llama): ``w * normed.astype(x.dtype)``; ``gemma=True``:
+    ``(normed * (1 + w)).astype(x.dtype)`` with the weight stored zero-centred.
+    """
+
+    def __init__(self, dim: int, *, eps: float, gemma: bool, dtype):
+        self.eps = eps
+        self.gemma = gemma
+        self.weight = nnx.Param(jnp.zeros((dim,), dtype) if gemma else jnp.ones((dim,), dtype))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        w = self.weight[...]
+        if self.gemma:
+            return (normed * (1.0 + w.astype(jnp.float32))).astype(x.dtype)
+        return w * normed.astype(x.dtype)
+
+
+@functools.lru_cache(maxsize=64)
+def rope_inv_freq(head_dim: int, theta: float, scaling: RopeScaling | None) -> np.ndarray:
+    """Inverse frequencies ``[head_dim // 2]`` (float32), as transformers computes them."""
+    exponents = np.arange(0, head_dim, 2, dtype=np.float64) / head_dim
+    inv_freq = 1.0 / (theta ** exponents)
+    if scaling is None:
+        return inv_freq.astype(np.float32)
+    if scaling.rope_type == "linear":
+        return (inv_freq / scaling.factor).astype(np.float32)
+    # llama3: leave high frequencies, divide low ones, interpolate in between.
+    old_len = scaling.original_max_position_embeddings
+    low_wavelen = old_len / scaling.low_freq_factor
+    high_wavelen = old_len / scaling.high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = np.where(wavelen > low_wavelen, inv_freq / scaling.factor, inv_freq)
+    smooth = (old_len / wavelen - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / scaling.factor + smooth * scaled
+    medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotates ``x`` (half-split layout, as Hugging Face Llama).
+
+    Args:
+      x: [num_tokens, num_heads, head_dim].
+      positions: [num_tokens] int32 absolute positions.
+      inv_freq: [head_dim // 2] float32.
+
+    Returns:
+      [num_tokens, num_heads, head_dim] in x's dtype.
+    """
+    freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
+    cos = jnp.cos(emb).astype(x.dtype)[:, None, :]  # [T, 1, D]
+    sin = jnp.sin(emb).astype(x.dtype)[:, None, :]
+    half = x.shape[-1] // 2
+    rotated = jnp.concatenate([-x[..., half:], x[..., :half]], axis=-1)
+    return x * cos + rotated * sin
+
+
+def activation(name: str):
+    """The MLP activation function for a Hugging Face ``hidden_act`` name."""
+    if name == "silu":
+        return jax.nn.silu
+    if name == "gelu_pytorch_tanh":
+        return functools.partial(jax.nn.gelu, approximate=True)
+    if name == "gelu":
+        return functools.partial(jax.nn.gelu, approximate=False)
+    raise ValueError(f"unsupported activation {name!r}")
+
+
+class MLP(nnx.Module):
+    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int, *, hidden_act: str,
+                 dtype, rngs: nnx.Rngs):
+        self.hidden_act = hidden_act
+        self.gate_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.up_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate_size, hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        act = activation(self.hidden_act)
+        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))  # [T, hidden]
