@@ -40,6 +40,12 @@ from pallas_kernels import tiling
 from pallas_kernels.common import MASK_VALUE, q_block_seq_ranges, validate_attention_inputs
 
 
+def _cdiv(a, b: int):
+    # Truncating division of non-negative ints: jnp's floor ``//`` and ``%``
+    # lower through ``sign``, whose Mosaic rule needs a TPU to query.
+    return lax.div(a + (b - 1), b)
+
+
 def _rpa_kernel(
     # Scalar prefetch (SMEM).
     layer_ref,  # [1] int32
@@ -76,7 +82,7 @@ def _rpa_kernel(
     blk_end = blk_start + queries_per_block
 
     q = q_ref[...]  # [rows, D]
-    row_tok = blk_start + lax.broadcasted_iota(jnp.int32, (rows, 1), 0) // group  # [rows, 1]
+    row_tok = blk_start + lax.div(lax.broadcasted_iota(jnp.int32, (rows, 1), 0), group)  # [rows, 1]
     kv_iota = lax.broadcasted_iota(jnp.int32, (1, blk_tokens), 1)  # [1, K]
     kv_row_iota = lax.broadcasted_iota(jnp.int32, (blk_tokens, 1), 0)  # [K, 1]
 
@@ -99,19 +105,19 @@ def _rpa_kernel(
         q_end = qsl_ref[seq + 1]
         kv_len = seq_lens_ref[seq]
         q_len = q_end - q_start
-        num_pages = pl.cdiv(kv_len, page_size)
+        num_pages = _cdiv(kv_len, page_size)
         row_in = (row_tok >= q_start) & (row_tok < q_end)  # [rows, 1]
         q_pos = kv_len - q_len + (row_tok - q_start)  # [rows, 1]
         first_tok = jnp.maximum(q_start, blk_start)
         last_tok = jnp.minimum(q_end, blk_end) - 1
         active = last_tok >= first_tok
         # Keys needed: causal up to the last query here; window from the first.
-        kv_hi = pl.cdiv(kv_len - q_len + (last_tok - q_start) + 1, blk_tokens)
+        kv_hi = _cdiv(kv_len - q_len + (last_tok - q_start) + 1, blk_tokens)
         if sliding_window is None:
             kv_lo = jnp.int32(0)
         else:
             first_pos = kv_len - q_len + (first_tok - q_start)
-            kv_lo = jnp.maximum(first_pos - sliding_window + 1, 0) // blk_tokens
+            kv_lo = lax.div(jnp.maximum(first_pos - sliding_window + 1, 0), blk_tokens)
         kv_hi = jnp.where(active, kv_hi, kv_lo)
 
         @pl.when(kv_lo < kv_hi)
@@ -121,7 +127,7 @@ def _rpa_kernel(
 
         def kv_body(kv_blk, carry):
             m, l, acc = carry
-            slot = (kv_blk - kv_lo) % 2
+            slot = lax.rem(kv_blk - kv_lo, 2)
 
             @pl.when(kv_blk + 1 < kv_hi)
             def _():
