@@ -229,12 +229,10 @@ class BertEncoder(nnx.Module):
         self.layers = nnx.List([Layer(config, rngs=rngs)
                                 for _ in range(config.num_hidden_layers)])
         self.pooler = nnx.Linear(h, h, rngs=rngs) if config.add_pooler else None
-        self.classifier_dense = None
-        self.classifier = None
-        if config.num_labels:
-            if config.classifier_style == "roberta":
-                self.classifier_dense = nnx.Linear(h, h, rngs=rngs)
-            self.classifier = nnx.Linear(h, config.num_labels, rngs=rngs)
+        labels, roberta_head = config.num_labels, config.classifier_style == "roberta"
+        self.classifier_dense = (nnx.Linear(h, h, rngs=rngs)
+                                 if labels and roberta_head else None)
+        self.classifier = nnx.Linear(h, labels, rngs=rngs) if labels else None
 
     def __call__(self, input_ids, attention_mask, token_type_ids) -> jax.Array:
         """Hidden states.

@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 
 Kind = Literal["embedding", "cross_encoder", "classifier"]
 MIN_BUCKET = 8
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "sentencepiece.bpe.model",
+                    "tokenizer.model", "spiece.model", "vocab.json")
 
 # Hugging Face name (base-model prefix stripped) -> (nnx path, transpose).
 _LAYER_MAP = {
@@ -227,6 +229,9 @@ def load_encoder(path: str | os.PathLike, dtype: str = "float32") -> LoadedEncod
     graphdef, state = _fill_state(config, weights, dtype, path)
     kind = _kind(hf, config)
     pooling = PoolingConfig.from_folder(path) if kind == "embedding" else PoolingConfig.none()
+    # transformers 5 builds an empty-vocabulary tokenizer rather than failing.
+    if not any(os.path.exists(os.path.join(path, f)) for f in _TOKENIZER_FILES):
+        raise FileNotFoundError(f"{path}: no tokenizer (looked for {', '.join(_TOKENIZER_FILES)})")
     try:
         from transformers import AutoTokenizer
         tokenizer = AutoTokenizer.from_pretrained(path)
