@@ -243,7 +243,7 @@ class ModelConfig:
             query_pre_attn_scalar=(float(config.get("query_pre_attn_scalar", 256))
                                    if is_gemma else None),
             final_logit_softcapping=_opt_float(config.get("final_logit_softcapping")),
-            attn_logit_softcapping=_opt_float(config.get("attn_logit_softcapping")),
+            attn_logit_softcapping=_attn_softcap(config, is_gemma),
             bos_token_id=config.get("bos_token_id"),
             eos_token_ids=eos_ids,
         )
@@ -251,6 +251,16 @@ class ModelConfig:
 
 def _opt_float(value) -> float | None:
     return None if value is None else float(value)
+
+
+def _attn_softcap(config: Mapping[str, Any], is_gemma: bool) -> float | None:
+    cap = _opt_float(config.get("attn_logit_softcapping"))
+    if cap is not None and is_gemma:
+        # transformers' Gemma3Attention never passes the cap to its attention
+        # function (released Gemma 3 checkpoints leave it null); match it.
+        logger.warning("Gemma 3: ignoring attn_logit_softcapping=%s, as transformers does", cap)
+        return None
+    return cap
 
 
 def _architecture(config: Mapping[str, Any]) -> str:
