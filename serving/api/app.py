@@ -1,0 +1,118 @@
+"""The HTTP app: ``create_app(engine, config)`` builds a Quart app with no globals.
+
+A request's path through the server: the auth hook checks the API key (every
+route but the open ones), the route parses the JSON body into a pydantic model
+(``serving.api.protocol``; a bad body is a 400), maps it to ``SamplingParams``
+and prompt token ids (``serving.api.sampling``), adds one engine request per
+prompt (``serving.api.generation``), and turns the engine's cumulative
+snapshots into an OpenAI response or SSE chunks. Every error, including
+unknown routes and wrong methods, leaves as OpenAI-shaped JSON
+(``serving.api.errors``).
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+from typing import Any, Optional
+
+from quart import Quart, Response, request
+from werkzeug.exceptions import HTTPException
+
+from serving.api import admin_routes, openai_routes, openapi, tokenizer_routes
+from serving.api.admin_routes import server_version
+from serving.api.errors import APIError, error_response
+from serving.api.metrics import ServerMetrics
+from serving.api.state import ServerState
+from serving.config import ServerConfig
+
+logger = logging.getLogger(__name__)
+
+# Routes that stay reachable without the API key (vLLM keeps health and metrics open).
+OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/openapi.json"})
+
+
+def create_app(engine: Any, config: Optional[ServerConfig] = None) -> Quart:
+    """Builds the server app around ``engine``.
+
+    Args:
+        engine: an AsyncEngine, or any object with its interface (``add_request``,
+            ``abort``, ``stats``, ``is_ready``, ``tokenizer``, ``model_config``,
+            ``max_model_len``, ``model_path``).
+        config: the ServerConfig; default values when None.
+
+    Returns:
+        The Quart app; serve it with hypercorn.
+    """
+    config = config or ServerConfig()
+    names = config.served_model_names or (str(engine.model_path),)
+    state = ServerState(engine=engine, config=config, model_names=tuple(names),
+                        metrics=ServerMetrics(engine.stats, names[0]))
+    app = Quart("jax_serve")
+    app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60,
+                      MAX_CONTENT_LENGTH=32 * 1024 * 1024, PROVIDE_AUTOMATIC_OPTIONS=True)
+    app.extensions["jax_serve"] = state
+
+    _install_hooks(app, state)
+    _install_error_handlers(app, state)
+    openai_routes.register(app, state)
+    tokenizer_routes.register(app, state)
+    admin_routes.register(app, state)
+    openapi.register(app, "jax-serve", server_version())
+    return app
+
+
+def _install_hooks(app: Quart, state: ServerState) -> None:
+    key = state.config.api_key
+    expected = f"Bearer {key}".encode() if key else None
+
+    @app.before_request
+    async def check_api_key():
+        if expected is None or request.method == "OPTIONS" or request.path in OPEN_PATHS:
+            return None
+        got = request.headers.get("Authorization", "").encode()
+        if not hmac.compare_digest(got, expected):
+            return _error(state, APIError("Unauthorized: a valid API key is required "
+                                          "(Authorization: Bearer <key>).", 401))
+        return None
+
+    @app.after_request
+    async def add_request_id(response: Response) -> Response:
+        if state.config.enable_request_id_headers:
+            rid = request.headers.get("X-Request-Id")
+            if rid:
+                response.headers["X-Request-Id"] = rid
+        return response
+
+
+def _error(state: ServerState, err: APIError) -> Response:
+    headers = {}
+    if err.status == 401:
+        headers["WWW-Authenticate"] = "Bearer"
+    return error_response(err, headers)
+
+
+def _install_error_handlers(app: Quart, state: ServerState) -> None:
+    @app.errorhandler(APIError)
+    async def api_error(err: APIError):
+        if err.status >= 500:
+            logger.error("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
+        return _error(state, err)
+
+    @app.errorhandler(HTTPException)
+    async def http_error(err: HTTPException):
+        status = err.code or 500
+        if status == 404:
+            message = f"Not Found: {request.path}"
+        elif status == 405:
+            message = f"Method {request.method} is not allowed for {request.path}"
+        elif status == 413:
+            message = "The request body is too large."
+        else:
+            message = err.description or err.name
+        return _error(state, APIError(message, status))
+
+    @app.errorhandler(Exception)
+    async def unexpected(err: Exception):
+        logger.exception("unhandled error on %s %s", request.method, request.path)
+        return _error(state, APIError(f"Internal server error: {type(err).__name__}: {err}", 500))
