@@ -1,0 +1,321 @@
+"""The model runner: turns scheduled work into device arrays and runs compiled steps.
+
+One engine step becomes at most one *decode* call (every sequence that adds a
+single token, batched) plus one *prefill* call per sequence that adds a chunk
+of several tokens. Each call runs a jitted program for a bucketed shape
+(``buckets.BucketPlan``) with the KV cache donated, so it updates in place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from functools import partial
+from typing import Optional, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from model import api as model_api
+from model.attention import AttentionMetadata, KVCache
+from serving.engine.buckets import BucketPlan, round_up
+from serving.engine.sampling import SampleResult, SamplingTensors, prompt_logprobs, sample
+from serving.engine.types import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+LOGPROB_WIDTH = SamplingParams.MAX_LOGPROBS  # top-k alternatives computed when any row asks
+
+
+@dataclasses.dataclass
+class StepItem:
+    """One sequence's share of a step, in host terms.
+
+    token_ids are the tokens to compute at positions start_pos...; if ``sample``
+    is set the last one's logits are sampled.
+    """
+
+    seq_id: int
+    token_ids: Sequence[int]
+    start_pos: int
+    block_table: Sequence[int]
+    sample: bool
+    params: SamplingParams
+    seed: int
+    output_token_ids: Sequence[int] = ()
+    prompt_token_ids: Sequence[int] = ()
+    banned_ids: Sequence[int] = ()  # e.g. EOS while below min_tokens
+    prompt_logprobs: Optional[int] = None  # compute logprobs of these prompt tokens
+    next_token_ids: Sequence[int] = ()  # token after each position (prompt logprobs)
+
+
+@dataclasses.dataclass
+class ItemResult:
+    token: Optional[int] = None
+    logprob: float = 0.0
+    rank: int = 1
+    top_ids: Optional[np.ndarray] = None
+    top_logprobs: Optional[np.ndarray] = None
+    # prompt logprobs for the computed positions (aligned with next_token_ids)
+    prompt_lp: Optional[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = None
+
+
+def _pad_to(values: Sequence[int], width: int, fill: int) -> np.ndarray:
+    out = np.full((width,), fill, np.int32)
+    n = min(len(values), width)
+    out[:n] = np.asarray(values[:n], np.int32)
+    return out
+
+
+def _width(n: int) -> int:
+    """Bucketed width for variable-length side arrays (penalty history etc.)."""
+    return 0 if n == 0 else max(8, 1 << (n - 1).bit_length())
+
+
+class ModelRunner:
+    """Owns the weights, the KV cache and the compiled step programs."""
+
+    def __init__(self, graphdef, state, model_config, *, num_pages: int, page_size: int,
+                 plan: BucketPlan, kv_dtype, attention_backend: str = "auto",
+                 kv_sharding=None):
+        self.graphdef = graphdef
+        self.state = state
+        self.config = model_config
+        self.page_size = page_size
+        self.num_pages = num_pages
+        self.plan = plan
+        self.attention_backend = attention_backend
+        self.vocab_size = model_config.vocab_size
+        self.kv_dtype = kv_dtype
+        self.kv_sharding = kv_sharding
+        self.kv = self._alloc_kv()
+        self._step = jax.jit(partial(_run_step, graphdef), donate_argnums=(1,))
+        self._step_plp = jax.jit(partial(_run_step_prompt_lp, graphdef),
+                                 donate_argnums=(1,), static_argnames=("num_lp",))
+        self.compile_seconds: dict[tuple, float] = {}
+
+    # ---- memory -----------------------------------------------------------
+    def _alloc_kv(self) -> KVCache:
+        c = self.config
+        kv = KVCache.zeros(c.num_layers, self.num_pages, self.page_size, c.num_kv_heads,
+                           c.head_dim, self.kv_dtype)
+        if self.kv_sharding is not None:
+            kv = jax.device_put(kv, self.kv_sharding)
+        return kv
+
+    def release(self) -> None:
+        """Drops weights and KV cache from the device (sleep)."""
+        self.state = None
+        self.kv = None
+
+    def restore(self, state) -> None:
+        self.state = state
+        self.kv = self._alloc_kv()
+
+    # ---- compilation ------------------------------------------------------
+    def precompile(self) -> float:
+        """Compiles every bucket with default sampling flags; returns seconds."""
+        total = 0.0
+        for kind, size, pages in self.plan.all_shapes():
+            t0 = time.perf_counter()
+            args = self._dummy_args(kind, size, pages)
+            self._step.lower(self.state, self.kv, *args).compile()
+            dt = time.perf_counter() - t0
+            self.compile_seconds[(kind, size, pages)] = dt
+            total += dt
+            logger.info("compiled %s bucket size=%d ctx_pages=%d in %.2fs", kind, size, pages, dt)
+        logger.info("compiled %d buckets in %.1fs", len(self.plan.all_shapes()), total)
+        return total
+
+    def _dummy_args(self, kind: str, size: int, pages: int):
+        num_seqs = size if kind == "decode" else 1
+        num_tokens = size
+        md = AttentionMetadata(
+            block_tables=jnp.zeros((num_seqs, pages), jnp.int32),
+            seq_lens=jnp.zeros((num_seqs,), jnp.int32),
+            query_start_loc=jnp.zeros((num_seqs + 1,), jnp.int32),
+            slot_mapping=jnp.zeros((num_tokens,), jnp.int32),
+            max_q_len=1 if kind == "decode" else size,
+            attention_backend=self.attention_backend)
+        st = _default_sampling(num_seqs, self.vocab_size)
+        return (jnp.zeros((num_tokens,), jnp.int32), jnp.zeros((num_tokens,), jnp.int32), md,
+                jnp.zeros((num_seqs,), jnp.int32), st)
+
+    # ---- execution --------------------------------------------------------
+    def execute(self, items: list[StepItem]) -> dict[int, ItemResult]:
+        """Runs one engine step; returns results keyed by seq_id."""
+        decode = [it for it in items if len(it.token_ids) == 1 and it.prompt_logprobs is None]
+        prefill = [it for it in items if not (len(it.token_ids) == 1
+                                              and it.prompt_logprobs is None)]
+        pending = []
+        if decode:
+            for start in range(0, len(decode), self.plan.decode_seqs[-1]):
+                chunk = decode[start:start + self.plan.decode_seqs[-1]]
+                pending.append((chunk, self._launch(chunk, decode=True)))
+        for it in prefill:
+            pending.append(([it], self._launch([it], decode=False)))
+        results: dict[int, ItemResult] = {}
+        for chunk, out in pending:  # device work was all dispatched above
+            results.update(self._collect(chunk, out))
+        return results
+
+    def _launch(self, items: list[StepItem], decode: bool):
+        ps = self.page_size
+        ctx_needed = max(it.start_pos + len(it.token_ids) for it in items)
+        pages = round_up(-(-ctx_needed // ps), self.plan.ctx_pages)
+        if decode:
+            num_seqs = round_up(len(items), self.plan.decode_seqs)
+            num_tokens = num_seqs
+        else:
+            num_seqs = 1
+            num_tokens = round_up(len(items[0].token_ids), self.plan.prefill_tokens)
+        input_ids = np.zeros((num_tokens,), np.int32)
+        positions = np.zeros((num_tokens,), np.int32)
+        slots = np.zeros((num_tokens,), np.int32)  # padding writes go to scratch page 0
+        block_tables = np.zeros((num_seqs, pages), np.int32)
+        seq_lens = np.zeros((num_seqs,), np.int32)
+        qsl = np.zeros((num_seqs + 1,), np.int32)
+        logits_idx = np.zeros((num_seqs,), np.int32)
+        cursor = 0
+        for i, it in enumerate(items):
+            n = len(it.token_ids)
+            pos = np.arange(it.start_pos, it.start_pos + n, dtype=np.int32)
+            bt = np.asarray(it.block_table, np.int32)
+            input_ids[cursor:cursor + n] = it.token_ids
+            positions[cursor:cursor + n] = pos
+            slots[cursor:cursor + n] = bt[pos // ps] * ps + pos % ps
+            used = min(len(bt), pages)
+            block_tables[i, :used] = bt[:used]
+            seq_lens[i] = it.start_pos + n
+            cursor += n
+            qsl[i + 1] = cursor
+            logits_idx[i] = cursor - 1
+        qsl[len(items) + 1:] = cursor
+        md = AttentionMetadata(
+            block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl,
+            slot_mapping=slots, max_q_len=1 if decode else num_tokens,
+            attention_backend=self.attention_backend)
+        st = self._sampling_tensors(items, num_seqs)
+        plp = [it for it in items if it.prompt_logprobs is not None]
+        if plp:
+            next_ids = np.zeros((num_tokens,), np.int32)
+            it = plp[0]
+            next_ids[:len(it.next_token_ids)] = it.next_token_ids
+            result, lp, self.kv = self._step_plp(
+                self.state, self.kv, input_ids, positions, md, logits_idx, st, next_ids,
+                num_lp=LOGPROB_WIDTH)
+            return result, lp
+        result, self.kv = self._step(self.state, self.kv, input_ids, positions, md,
+                                     logits_idx, st)
+        return result, None
+
+    def _sampling_tensors(self, items: list[StepItem], num_seqs: int) -> SamplingTensors:
+        vocab = self.vocab_size
+        temp = np.zeros((num_seqs,), np.float32)
+        top_k = np.full((num_seqs,), vocab, np.int32)
+        top_p = np.ones((num_seqs,), np.float32)
+        min_p = np.zeros((num_seqs,), np.float32)
+        seeds = np.zeros((num_seqs,), np.uint32)
+        steps = np.zeros((num_seqs,), np.int32)
+        rep = np.ones((num_seqs,), np.float32)
+        freq = np.zeros((num_seqs,), np.float32)
+        pres = np.zeros((num_seqs,), np.float32)
+        has_allowed = np.zeros((num_seqs,), bool)
+        biases, alloweds, outs, prompts = [], [], [], []
+        do_top = do_pen = False
+        num_lp = 0
+        for i, it in enumerate(items):
+            p = it.params
+            temp[i] = 0.0 if p.greedy else p.temperature
+            if not p.greedy and (p.top_k > 0 or p.top_p < 1.0 or p.min_p > 0.0):
+                do_top = True
+                top_k[i] = p.top_k if p.top_k > 0 else vocab
+                top_p[i], min_p[i] = p.top_p, p.min_p
+            seeds[i] = it.seed & 0xFFFFFFFF
+            steps[i] = len(it.output_token_ids)
+            if (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+                    or p.presence_penalty != 0.0):
+                do_pen = True
+                rep[i], freq[i], pres[i] = (p.repetition_penalty, p.frequency_penalty,
+                                            p.presence_penalty)
+                outs.append((i, it.output_token_ids))
+                if p.repetition_penalty != 1.0:
+                    prompts.append((i, it.prompt_token_ids))
+            bias = dict(p.logit_bias)
+            for t in it.banned_ids:
+                bias[int(t)] = -1e30
+            if bias:
+                biases.append((i, bias))
+            if p.allowed_token_ids is not None:
+                has_allowed[i] = True
+                alloweds.append((i, p.allowed_token_ids))
+            if p.logprobs is not None:
+                num_lp = LOGPROB_WIDTH
+
+        def table(rows, width_of):
+            width = _width(max((len(width_of(v)) for _, v in rows), default=0)) or 1
+            arr = np.full((num_seqs, width), vocab, np.int32)
+            for i, v in rows:
+                arr[i] = _pad_to(list(width_of(v)), width, vocab)
+            return arr
+
+        bias_ids = table(biases, lambda b: list(b.keys()))
+        bias_vals = np.zeros(bias_ids.shape, np.float32)
+        for i, b in biases:
+            bias_vals[i, :len(b)] = list(b.values())
+        return SamplingTensors(
+            temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, seeds=seeds,
+            steps=steps, bias_ids=bias_ids, bias_vals=bias_vals,
+            allowed_ids=table(alloweds, list), has_allowed=has_allowed,
+            rep_pen=rep, freq_pen=freq, pres_pen=pres,
+            out_tokens=table(outs, list), prompt_tokens=table(prompts, list),
+            do_top=do_top, do_penalties=do_pen, do_bias=bool(biases),
+            do_allowed=bool(alloweds), num_logprobs=num_lp)
+
+    def _collect(self, items: list[StepItem], out) -> dict[int, ItemResult]:
+        result, plp = out
+        res: SampleResult = jax.device_get(result)
+        plp_host = jax.device_get(plp) if plp is not None else None
+        results = {}
+        for i, it in enumerate(items):
+            r = ItemResult()
+            if it.sample:
+                r.token = int(res.tokens[i])
+                r.logprob = float(res.logprobs[i])
+                r.rank = int(res.ranks[i])
+                if res.top_ids.shape[1]:
+                    r.top_ids, r.top_logprobs = res.top_ids[i], res.top_logprobs[i]
+            if plp_host is not None:
+                n = len(it.next_token_ids)
+                r.prompt_lp = tuple(a[:n] for a in plp_host)
+            results[it.seq_id] = r
+        return results
+
+
+def _default_sampling(num_seqs: int, vocab: int) -> SamplingTensors:
+    z = np.zeros((num_seqs,), np.float32)
+    ids = np.full((num_seqs, 1), vocab, np.int32)
+    return SamplingTensors(
+        temperature=z, top_k=np.full((num_seqs,), vocab, np.int32), top_p=z + 1, min_p=z,
+        seeds=np.zeros((num_seqs,), np.uint32), steps=np.zeros((num_seqs,), np.int32),
+        bias_ids=ids, bias_vals=np.zeros((num_seqs, 1), np.float32), allowed_ids=ids,
+        has_allowed=np.zeros((num_seqs,), bool), rep_pen=z + 1, freq_pen=z, pres_pen=z,
+        out_tokens=ids, prompt_tokens=ids)
+
+
+def _run_step(graphdef, state, kv, input_ids, positions, md, logits_idx, st):
+    """Forward + sampling. input_ids/positions: [T]; logits_idx: [S]."""
+    hidden, kv = model_api.forward(graphdef, state, input_ids, positions, kv, md)
+    logits = model_api.compute_logits(graphdef, state, hidden[logits_idx])  # [S, V]
+    return sample(logits, st), kv
+
+
+def _run_step_prompt_lp(graphdef, state, kv, input_ids, positions, md, logits_idx, st,
+                        next_ids, *, num_lp):
+    """Like ``_run_step`` but also scores every position's next token: [T]."""
+    hidden, kv = model_api.forward(graphdef, state, input_ids, positions, kv, md)
+    all_logits = model_api.compute_logits(graphdef, state, hidden)  # [T, V]
+    result = sample(all_logits[logits_idx], st)
+    return result, prompt_logprobs(all_logits, next_ids, num_lp), kv
