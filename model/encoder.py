@@ -32,7 +32,7 @@ _ACTIVATIONS = {
     "swish": jax.nn.silu,
 }
 
-_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -279,10 +279,10 @@ def init_encoder(config: EncoderConfig, *, seed: int = 0, abstract: bool = False
     build = lambda: BertEncoder(config, rngs=nnx.Rngs(seed))  # noqa: E731
     model = nnx.eval_shape(build) if abstract else build()
     graphdef, state = nnx.split(model)
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     if dtype != "float32" and not abstract:
-        state = jax.tree.map(lambda a: a.astype(_DTYPES[dtype]), state)
+        state = jax.tree.map(lambda a: a.astype(DTYPES[dtype]), state)
     return graphdef, state
 
 

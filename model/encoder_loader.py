@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from model.encoder import EncoderConfig, _DTYPES, classify, encode_hidden, init_encoder
+from model.encoder import DTYPES, EncoderConfig, classify, encode_hidden, init_encoder
 from model.pooling import PoolingConfig, l2_normalize, pool, truncate
 
 logger = logging.getLogger(__name__)
@@ -174,7 +174,7 @@ def _fill_state(config: EncoderConfig, weights: dict[str, Any], dtype: str,
             raise ValueError(f"{where}: {name} has shape {tuple(weights[name].shape)}; "
                              f"config expects {tuple(var.shape)}"
                              f"{' (transposed)' if transpose else ''} for {path}")
-        filled[path] = var.replace(array.astype(_DTYPES[dtype]))
+        filled[path] = var.replace(array.astype(DTYPES[dtype]))
     unused = sorted(set(weights) - set(name_map))
     if unused:
         logger.debug("%s: unused weights %s", where, unused)
@@ -218,8 +218,8 @@ def load_encoder(path: str | os.PathLike, dtype: str = "float32") -> LoadedEncod
         raise FileNotFoundError(f"{path}: not a directory")
     if not os.path.exists(cfg_file):
         raise FileNotFoundError(f"{path}: no config.json")
-    if dtype not in _DTYPES:
-        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(_DTYPES)}")
+    if dtype not in DTYPES:
+        raise ValueError(f"unknown dtype {dtype!r}; known: {sorted(DTYPES)}")
     with open(cfg_file, encoding="utf-8") as f:
         hf = json.load(f)
     weights = _strip_prefix(_read_weights(path), hf.get("model_type", "bert"))
@@ -283,7 +283,8 @@ def _tokenize(loaded: LoadedEncoder, texts: Sequence[str] | Sequence[Sequence[in
 
 
 def _run_batches(loaded: LoadedEncoder, tokens: list[tuple[list[int], list[int]]],
-                 batch_size: int, step: Callable) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
+                 batch_size: int, step: Callable
+                 ) -> Iterator[tuple[list[int], np.ndarray, np.ndarray]]:
     """Runs ``step(ids, mask, types)`` on length-sorted, bucket-padded batches.
 
     Yields ``(indices, output, lengths)``: the original positions of the rows,
