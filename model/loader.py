@@ -89,6 +89,7 @@ def _gguf_file(path: Path) -> Path:
 
 def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", *,
                shardings: Callable[[tuple], jax.sharding.Sharding] | None = None,
+               shardings_for: Callable[[ModelConfig], Callable] | None = None,
                with_tokenizer: bool = True) -> LoadedModel:
     """Loads a model from a Hugging Face folder, a GGUF file or an Orbax folder.
 
@@ -96,6 +97,9 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", *,
       path: model path; None loads the embedded default model.
       dtype: "float32" or "bfloat16" for parameters and activations.
       shardings: optional ``state path -> Sharding``; default: one device.
+      shardings_for: optional ``ModelConfig -> (state path -> Sharding)``, for
+        layouts that depend on the config (``sharding.specs``); wins over
+        ``shardings``. Leaves go from host numpy straight into their shards.
       with_tokenizer: load the tokenizer (``model.tokenizer.load_tokenizer``).
 
     Raises:
@@ -104,6 +108,10 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", *,
       WeightShapeError, MissingWeightError: weights disagree with the config.
     """
     start = time.perf_counter()
+
+    def _place(config):
+        return shardings_for(config) if shardings_for is not None else shardings
+
     if path is None:
         from model.default import default_model_path
         path = default_model_path()
@@ -113,17 +121,17 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", *,
         from model.hf_loader import read_hf_folder
         hf_config, tensors = read_hf_folder(path)
         config = ModelConfig.from_hf(hf_config)
-        state = state_from_hf(config, tensors, dtype, shardings=shardings)
+        state = state_from_hf(config, tensors, dtype, shardings=_place(config))
     elif fmt == "gguf":
         from model.gguf import read_gguf
         hf_config, tensors = read_gguf(_gguf_file(path))
         config = ModelConfig.from_hf(hf_config)
-        state = state_from_hf(config, tensors, dtype, shardings=shardings)
+        state = state_from_hf(config, tensors, dtype, shardings=_place(config))
     else:
         from model.orbax_io import read_orbax
         hf_config, pure = read_orbax(path)
         config = ModelConfig.from_hf(hf_config)
-        state = state_from_pure(config, pure, dtype, shardings=shardings)
+        state = state_from_pure(config, pure, dtype, shardings=_place(config))
     graphdef, _ = abstract_model(config, dtype)
     tokenizer = None
     if with_tokenizer:

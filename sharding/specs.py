@@ -1,0 +1,128 @@
+"""Partition specs for every weight (by its path in the nnx state) and the KV cache.
+
+Megatron-style tensor parallelism over the ``TENSOR`` mesh axis:
+
+=========================  ==============  =====================================
+weight (path suffix)       layout          spec when sharded
+=========================  ==============  =====================================
+q_proj kernel / bias       [hidden, Hq*D]  column-parallel ``P(None, TENSOR)``
+k_proj, v_proj             [hidden, Hk*D]  column-parallel ``P(None, TENSOR)``
+o_proj kernel              [Hq*D, hidden]  row-parallel ``P(TENSOR, None)``
+gate_proj, up_proj         [hidden, I]     column-parallel ``P(None, TENSOR)``
+down_proj kernel           [I, hidden]     row-parallel ``P(TENSOR, None)``
+embed_tokens embedding     [V, hidden]     vocab-parallel ``P(TENSOR, None)``
+lm_head kernel             [hidden, V]     vocab-parallel ``P(None, TENSOR)``
+norms, o_proj bias, q/k    any             replicated ``P()``
+norm weights
+=========================  ==============  =====================================
+
+Which groups are sharded depends on divisibility (``ShardingPlan``):
+
+* attention (q/o) is sharded iff ``num_heads % tp == 0``; otherwise q, k, v,
+  o and the KV cache are all replicated (SmolLM2's 9 q heads at tp 2/4/8:
+  its attention runs replicated on every device and only MLP and vocab split).
+* k/v and the KV cache's head axis are sharded iff attention is sharded and
+  ``num_kv_heads % tp == 0``; otherwise each device holds every KV head
+  (vLLM replicates KV heads when tp exceeds their count).
+* the MLP is sharded iff ``intermediate_size % tp == 0``; the vocabulary iff
+  ``vocab_size % tp == 0``.
+
+Row-parallel outputs are summed by an all-reduce that XLA inserts (the mesh
+axes are ``AxisType.Auto``); vocab-parallel logits are gathered the same way
+before sampling. Attention itself needs no ``shard_map`` on the XLA path: it
+is independent per head, so GSPMD propagates the head sharding from q/k/v
+through the cache write and the attention einsums with no communication (see
+``sharding/attention.py`` for the ``shard_map`` wrapper the Pallas kernels need).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from sharding.axes import TENSOR
+
+REPLICATED = P()
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardingPlan:
+    """What tensor parallelism splits for one model at one tp size.
+
+    Attributes:
+      tp: tensor-parallel size.
+      attention: q/o projections split by q head.
+      kv_heads: k/v projections and the KV cache split by KV head.
+      mlp: gate/up/down split over the intermediate dimension.
+      vocab: embedding and lm_head split over the vocabulary.
+    """
+
+    tp: int
+    attention: bool
+    kv_heads: bool
+    mlp: bool
+    vocab: bool
+
+    @classmethod
+    def build(cls, config, tp: int) -> "ShardingPlan":
+        """Decides from a ``ModelConfig``'s shapes (see the module docstring)."""
+        on = tp > 1
+        attention = on and config.num_heads % tp == 0
+        return cls(tp=tp, attention=attention,
+                   kv_heads=attention and config.num_kv_heads % tp == 0,
+                   mlp=on and config.intermediate_size % tp == 0,
+                   vocab=on and config.vocab_size % tp == 0)
+
+    def describe(self) -> str:
+        parts = [f"{name}={'sharded' if getattr(self, name) else 'replicated'}"
+                 for name in ("attention", "kv_heads", "mlp", "vocab")]
+        return f"tp={self.tp}: " + ", ".join(parts)
+
+
+_COLUMN = P(None, TENSOR)
+_ROW = P(TENSOR, None)
+
+
+def weight_spec(path: tuple, plan: ShardingPlan) -> P:
+    """The partition spec of the state leaf at ``path``.
+
+    Args:
+      path: e.g. ``("layers", 3, "self_attn", "q_proj", "kernel")``.
+      plan: the model's ``ShardingPlan``.
+    """
+    names = [p for p in path if isinstance(p, str)]
+    leaf = names[-1]
+    module = names[-2] if len(names) >= 2 else ""
+    if module == "embed_tokens":
+        return _ROW if plan.vocab else REPLICATED
+    if module == "lm_head":
+        return _COLUMN if plan.vocab else REPLICATED
+    if module == "q_proj" and plan.attention or module in ("k_proj", "v_proj") and plan.kv_heads:
+        return _COLUMN if leaf == "kernel" else P(TENSOR)
+    if module == "o_proj" and plan.attention:
+        return _ROW if leaf == "kernel" else REPLICATED
+    if module in ("gate_proj", "up_proj") and plan.mlp:
+        return _COLUMN if leaf == "kernel" else P(TENSOR)
+    if module == "down_proj" and plan.mlp:
+        return _ROW if leaf == "kernel" else REPLICATED
+    return REPLICATED
+
+
+def kv_cache_spec(plan: ShardingPlan) -> P:
+    """Spec of ``KVCache.k``/``.v`` ``[layers, pages, page_size, kv_heads, head_dim]``."""
+    return P(None, None, None, TENSOR, None) if plan.kv_heads else REPLICATED
+
+
+def weight_shardings(plan: ShardingPlan, mesh: Mesh) -> Callable[[tuple], NamedSharding]:
+    """``path -> NamedSharding``: the hook ``model.loader.load_model`` places leaves with."""
+    return lambda path: NamedSharding(mesh, weight_spec(tuple(path), plan))
+
+
+def kv_cache_sharding(plan: ShardingPlan, mesh: Mesh):
+    """A ``KVCache``-shaped pytree of ``NamedSharding`` for ``jax.device_put``/``jit``."""
+    from model.attention import KVCache
+
+    s = NamedSharding(mesh, kv_cache_spec(plan))
+    return KVCache(s, s)
