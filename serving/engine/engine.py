@@ -602,6 +602,95 @@ class AsyncEngine:
             await asyncio.to_thread(self._thread.join, 10)
         self._ready = False
 
+    # ---- sleep / wake-up and weight updates (native admin routes) ------------------
+    def is_sleeping(self) -> bool:
+        return self._sleeping
+
+    def num_unfinished(self) -> int:
+        return len(self._streams) + len(self.engine._inbox)
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees the device memory of weights and KV cache (LMDeploy/vLLM sleep).
+
+        Level 1 keeps a host copy of the weights for ``wake_up``; level 2
+        discards them (``wake_up`` reloads from ``model_path``). Requests
+        arriving meanwhile get EngineNotReadyError (503).
+
+        Raises:
+            RuntimeError: requests are still running.
+        """
+        import jax
+
+        if self._sleeping:
+            return
+        self._sleeping = True
+        with self._lock:
+            if self.engine.has_work():
+                self._sleeping = False
+                raise RuntimeError(f"cannot sleep while {self.num_unfinished()} requests run")
+            runner = self.engine.runner
+            self._sleep_host_state = jax.device_get(runner.state) if level == 1 else None
+            self._sleep_shardings = jax.tree.map(lambda a: a.sharding, runner.state)
+            self.engine.block_manager.flush_prefix_cache()  # cached pages die with the KV
+            runner.release()
+            self.engine.loaded.state = None
+        logger.info("engine asleep (level %d): weights and KV cache released", level)
+
+    def wake_up(self) -> None:
+        """Restores the weights and KV cache released by ``sleep``."""
+        import jax
+
+        if not self._sleeping:
+            return
+        with self._lock:
+            host = self._sleep_host_state
+            if host is None:
+                from model.loader import load_model
+                host = load_model(self.engine.model_path, dtype=self.engine.dtype,
+                                  with_tokenizer=False).state
+            state = jax.tree.map(jax.device_put, host, self._sleep_shardings)
+            self.engine.runner.restore(state)
+            self.engine.loaded.state = state
+            self._sleep_host_state = self._sleep_shardings = None
+        self._sleeping = False
+        logger.info("engine awake")
+
+    def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
+        """Loads new weights of the same architecture and shapes; swaps between steps.
+
+        The new checkpoint is read and checked off the engine lock; only the swap
+        holds it. On any failure the old weights keep serving.
+
+        Returns:
+            ``(success, message)`` worded as SGLang words them.
+        """
+        import jax
+
+        from model.loader import load_model
+
+        try:
+            new = load_model(model_path, dtype=self.engine.dtype, with_tokenizer=False)
+        except FileNotFoundError:
+            return False, f"Failed to get weights iterator: {model_path} (repository not found)."
+        except Exception as exc:  # noqa: BLE001 - reported to the client
+            return False, (f"Failed to update weights: {exc}.\n"
+                           "Rolling back to original weights.")
+        old = self.engine.runner.state
+        problem = _state_mismatch(old, new.state) if old is not None else "the engine is asleep"
+        if problem is None and new.config.architecture != self.engine.model_config.architecture:
+            problem = (f"architecture {new.config.architecture} does not match "
+                       f"{self.engine.model_config.architecture}")
+        if problem is not None:
+            return False, f"Failed to update weights: {problem}.\nRolling back to original weights."
+        state = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new.state, old)
+        with self._lock:
+            self.engine.runner.state = state
+            self.engine.loaded.state = state
+            self.engine.model_path = str(new.path)
+            self.engine.scheduler.flush_prefix_cache()  # refused (False) while requests run
+        logger.info("updated weights from %s", model_path)
+        return True, "Succeeded to update model weights."
+
 
 def _enable_compile_cache(path: Optional[str]) -> None:
     """Turns on JAX's persistent compilation cache (second starts are quick)."""
@@ -614,3 +703,25 @@ def _enable_compile_cache(path: Optional[str]) -> None:
     jax.config.update("jax_compilation_cache_dir", path)
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+def _state_mismatch(old, new) -> Optional[str]:
+    """Why ``new`` cannot replace ``old`` (None when every leaf matches), PyTorch-worded."""
+    import jax
+
+    old_leaves = dict(jax.tree_util.tree_leaves_with_path(old))
+    new_leaves = dict(jax.tree_util.tree_leaves_with_path(new))
+    if old_leaves.keys() != new_leaves.keys():
+        missing = sorted(map(jax.tree_util.keystr, old_leaves.keys() - new_leaves.keys()))[:3]
+        extra = sorted(map(jax.tree_util.keystr, new_leaves.keys() - old_leaves.keys()))[:3]
+        return f"parameter names differ (missing {missing}, unexpected {extra})"
+    for path, a in old_leaves.items():
+        b = new_leaves[path]
+        if a.shape != b.shape:
+            if len(a.shape) == len(b.shape):
+                dim = next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
+                return (f"The size of tensor a ({b.shape[dim]}) must match the size of tensor "
+                        f"b ({a.shape[dim]}) at non-singleton dimension {dim}")
+            return (f"parameter {jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, "
+                    f"expected {tuple(a.shape)}")
+    return None
