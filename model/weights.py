@@ -177,7 +177,7 @@ def state_from_pure(config: ModelConfig, pure: Mapping, dtype="float32", *,
 
     new_leaves = {tuple(p): place(p, v) for p, v in nnx.to_flat_state(abstract)}
     state = jax.tree.map(lambda x: x, abstract)
-    state.replace_by_pure_dict(_unflatten(new_leaves))
+    nnx.replace_by_pure_dict(state, _unflatten(new_leaves))
     return state
 
 

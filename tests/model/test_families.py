@@ -129,7 +129,7 @@ def test_ragged_batch_matches_single_sequences(family_pair):
         _assert_close(out[s], expected[s][start:start + len(chunk)], f"{family} step 2 seq {s}")
 
 
-@pytest.mark.parametrize("family", ["llama", "gemma3"])
+@pytest.mark.parametrize("family", ["llama", pytest.param("gemma3", marks=pytest.mark.slow)])
 def test_greedy_generate_matches_transformers(family, tmp_path):
     hf = save_hf_model(family, tmp_path, seed=4)
     loaded = load_model(str(tmp_path), with_tokenizer=False)
