@@ -58,6 +58,8 @@ def create_app(engine: Any, config: Optional[ServerConfig] = None) -> Quart:
     openai_routes.register(app, state)
     tokenizer_routes.register(app, state)
     admin_routes.register(app, state)
+    from serving.api import native_routes  # SGLang / LMDeploy / RTP-LLM / pooling
+    native_routes.register(app, state)
     openapi.register(app, "jax-serve", server_version())
     return app
 
