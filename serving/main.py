@@ -95,6 +95,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--response-role", default="assistant")
     g.add_argument("--log-level", "--uvicorn-log-level", dest="log_level", default="info",
                    type=str.lower, choices=LOG_LEVELS)
+    g.add_argument("--task", default="auto",
+                   choices=["auto", "generate", "embed", "embedding", "score", "classify",
+                            "reward"],
+                   help="model task; auto: from the checkpoint's architecture")
+    g.add_argument("--is-embedding", action="store_true",
+                   help="SGLang spelling: serve a pooling (embedding/score) model")
+    g.add_argument("--api-dialect", default="vllm", choices=["vllm", "sglang"],
+                   help="shape of routes two sources share (/rerank: vLLM/Jina or SGLang list)")
     g.add_argument("--enable-access-log", action="store_true",
                    help="log every HTTP request line (off by default)")
     return ap
@@ -159,7 +167,7 @@ def _setup_logging(level: str) -> None:
 
 
 async def serve(engine_config: EngineConfig, server_config: ServerConfig,
-                enable_access_log: bool = False) -> int:
+                enable_access_log: bool = False, native: Optional[dict] = None) -> int:
     """Loads the engine, serves HTTP until SIGINT/SIGTERM, and returns an exit code."""
     from hypercorn.asyncio import serve as hypercorn_serve
     from hypercorn.config import Config as HypercornConfig
@@ -167,8 +175,16 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig,
     from serving.api.app import create_app
     from serving.engine.engine import AsyncEngine
 
-    engine = AsyncEngine(engine_config)
+    native = native or {}
+    if native.get("task", "auto") == "auto" and not native.get("is_embedding"):
+        engine = AsyncEngine(engine_config)
+    else:  # pooling models (or an explicit task): see serving/engine/pooling_engine.py
+        from serving.engine.pooling_engine import build_engine
+        engine = build_engine(engine_config, native.get("task", "auto"),
+                              native.get("is_embedding", False))
     app = create_app(engine, server_config)
+    from serving.api.native_common import native_state
+    native_state(app).api_dialect = native.get("api_dialect", "vllm")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -213,7 +229,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         logger.error("bad arguments: %s", exc)
         return 2
-    return asyncio.run(serve(engine_config, server_config, args.enable_access_log))
+    native = dict(task=args.task, is_embedding=args.is_embedding, api_dialect=args.api_dialect)
+    if args.task == "auto" and not args.is_embedding:
+        from serving.engine.pooling_engine import detect_task
+        if detect_task(engine_config.model) != "generate":  # a pooling checkpoint
+            native["task"] = detect_task(engine_config.model)
+    return asyncio.run(serve(engine_config, server_config, args.enable_access_log, native))
 
 
 if __name__ == "__main__":

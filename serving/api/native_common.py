@@ -35,11 +35,14 @@ class NativeState:
             Generation, for ``/abort_request``.
         weight_version: reported by ``/get_model_info``; set by weight updates.
         cache_version: bumped whenever the KV/prefix cache is flushed or rebuilt.
+        api_dialect: ``--api-dialect``: "vllm" (default) or "sglang" shapes on
+            the shared rerank paths.
     """
 
     running: dict[str, Any] = dataclasses.field(default_factory=dict)
     weight_version: str = "default"
     cache_version: int = 0
+    api_dialect: str = "vllm"
 
 
 def native_state(app: Quart) -> NativeState:
