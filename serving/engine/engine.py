@@ -107,8 +107,9 @@ class LLMEngine:
     through the inbox); everything else runs on the engine thread.
     """
 
-    def __init__(self, config: EngineConfig, loaded=None):
+    def __init__(self, config: EngineConfig, loaded=None, mesh=None):
         from model.loader import load_model  # heavy imports stay off the host-only path
+        from sharding.layout import TensorParallelLayout
 
         self.config = config
         dtype = config.dtype
@@ -117,7 +118,10 @@ class LLMEngine:
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         self.dtype = dtype
         t0 = time.perf_counter()
-        self.loaded = loaded if loaded is not None else load_model(config.model, dtype=dtype)
+        # mesh: this replica's devices (sharding.mesh); default: tp devices, or none at tp 1
+        self.layout = TensorParallelLayout.for_engine(config.tensor_parallel_size, mesh)
+        self.loaded = (self.layout.adopt(loaded) if loaded is not None else load_model(
+            config.model, dtype=dtype, shardings_for=self.layout.shardings_for))
         logger.info("loaded %s (%s) in %.1fs", self.loaded.path, self.loaded.format,
                     time.perf_counter() - t0)
         self.model_config = self.loaded.config
@@ -199,7 +203,8 @@ class LLMEngine:
         self.runner = ModelRunner(
             self.loaded.graphdef, self.loaded.state, self.model_config,
             num_pages=self.num_pages, page_size=self.page_size, plan=self.plan,
-            kv_dtype=jnp.dtype(self.dtype), attention_backend=cfg.attention_backend)
+            kv_dtype=jnp.dtype(self.dtype), attention_backend=cfg.attention_backend,
+            kv_sharding=self.layout.kv_sharding(), mesh=self.layout.mesh)
 
     # ---- requests -------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
@@ -493,7 +498,7 @@ class AsyncEngine:
     def __init__(self, config: EngineConfig, engine: Optional[LLMEngine] = None):
         _enable_compile_cache(config.compile_cache_dir)
         self.config = config
-        self.engine = engine or LLMEngine(config)
+        self.engine = engine or build_engine(config)
         self._streams: dict[str, RequestStream] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._thread: Optional[threading.Thread] = None
@@ -690,6 +695,18 @@ class AsyncEngine:
             self.engine.scheduler.flush_prefix_cache()  # refused (False) while requests run
         logger.info("updated weights from %s", model_path)
         return True, "Succeeded to update model weights."
+
+
+def build_engine(config: EngineConfig):
+    """One ``LLMEngine``, or a ``DataParallelEngine`` of ``data_parallel_size`` replicas."""
+    if config.data_parallel_size == 1:
+        return LLMEngine(config)
+    from sharding.data_parallel import DataParallelEngine
+    from sharding.mesh import make_mesh, replica_mesh
+
+    mesh = make_mesh(config.tensor_parallel_size, config.data_parallel_size)
+    return DataParallelEngine([LLMEngine(config, mesh=replica_mesh(mesh, i))
+                               for i in range(config.data_parallel_size)])
 
 
 def _enable_compile_cache(path: Optional[str]) -> None:

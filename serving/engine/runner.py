@@ -23,6 +23,7 @@ from model.attention import AttentionMetadata, KVCache
 from serving.engine.buckets import BucketPlan, round_up
 from serving.engine.sampling import SampleResult, SamplingTensors, prompt_logprobs, sample
 from serving.engine.types import SamplingParams
+from sharding.step import jit_step, zeros_sharded
 
 logger = logging.getLogger(__name__)
 
@@ -79,8 +80,9 @@ class ModelRunner:
 
     def __init__(self, graphdef, state, model_config, *, num_pages: int, page_size: int,
                  plan: BucketPlan, kv_dtype, attention_backend: str = "auto",
-                 kv_sharding=None):
+                 kv_sharding=None, mesh=None):
         self.graphdef = graphdef
+        self.mesh = mesh  # tensor-parallel mesh (sharding.mesh); None: one device
         self.state = state
         self.config = model_config
         self.page_size = page_size
@@ -91,19 +93,23 @@ class ModelRunner:
         self.kv_dtype = kv_dtype
         self.kv_sharding = kv_sharding
         self.kv = self._alloc_kv()
-        self._step = jax.jit(partial(_run_step, graphdef), donate_argnums=(1,))
-        self._step_plp = jax.jit(partial(_run_step_prompt_lp, graphdef),
-                                 donate_argnums=(1,), static_argnames=("num_lp",))
+        self._step = jit_step(partial(_run_step, graphdef), mesh, state, kv_sharding,
+                              num_host_inputs=5, num_host_outputs=1)
+        self._step_plp = jit_step(partial(_run_step_prompt_lp, graphdef), mesh, state,
+                                  kv_sharding, num_host_inputs=6, num_host_outputs=2,
+                                  static_argnames=("num_lp",))
         self.compile_seconds: dict[tuple, float] = {}
 
     # ---- memory -----------------------------------------------------------
     def _alloc_kv(self) -> KVCache:
         c = self.config
-        kv = KVCache.zeros(c.num_layers, self.num_pages, self.page_size, c.num_kv_heads,
-                           c.head_dim, self.kv_dtype)
+
+        def make():
+            return KVCache.zeros(c.num_layers, self.num_pages, self.page_size, c.num_kv_heads,
+                                 c.head_dim, self.kv_dtype)
         if self.kv_sharding is not None:
-            kv = jax.device_put(kv, self.kv_sharding)
-        return kv
+            return zeros_sharded(make, self.kv_sharding)  # each device allocates its shard
+        return make()
 
     def release(self) -> None:
         """Drops weights and KV cache from the device (sleep)."""

@@ -1,0 +1,52 @@
+"""Jitting the engine's compiled steps with input and output shardings (pjit semantics).
+
+The step functions take ``(state, kv_cache, *host_inputs)`` and return
+``(*host_outputs, kv_cache)``. On a mesh, weights keep the shardings they were
+loaded with, the KV cache keeps its own (and stays donated, so it updates in
+place shard by shard), and every host input and output (token ids, attention
+metadata, sampling tensors, sampled tokens) is replicated: each device — and
+each process in a multi-host run — sees the whole batch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The fully replicated sharding over ``mesh``."""
+    return NamedSharding(mesh, P())
+
+
+def jit_step(fn: Callable, mesh: Optional[Mesh], state, kv_sharding, *, num_host_inputs: int,
+             num_host_outputs: int, donate_argnums=(1,), static_argnames=()):
+    """``jax.jit(fn)`` with shardings for ``fn(state, kv, *host_inputs)``.
+
+    Args:
+      fn: the step; returns ``(*host_outputs, kv_cache)``.
+      mesh: the replica's mesh; None jits with no shardings (one device).
+      state: the weights (an ``nnx.State`` of placed arrays); their shardings
+        become the state's ``in_shardings``.
+      kv_sharding: ``KVCache`` pytree of shardings for the cache.
+      num_host_inputs, num_host_outputs: positional host arguments / leading
+        outputs, all replicated.
+      donate_argnums, static_argnames: as ``jax.jit``.
+    """
+    if mesh is None:
+        return jax.jit(fn, donate_argnums=donate_argnums, static_argnames=static_argnames)
+    rep = replicated(mesh)
+    state_sh = jax.tree.map(lambda a: a.sharding, state)
+    return jax.jit(fn, in_shardings=(state_sh, kv_sharding) + (rep,) * num_host_inputs,
+                   out_shardings=(rep,) * num_host_outputs + (kv_sharding,),
+                   donate_argnums=donate_argnums, static_argnames=static_argnames)
+
+
+def zeros_sharded(make: Callable, sharding):
+    """Runs ``make()`` (e.g. ``KVCache.zeros``) under jit straight into ``sharding``.
+
+    No device ever holds the whole result: each allocates its own shard.
+    """
+    return jax.jit(make, out_shardings=sharding)()
