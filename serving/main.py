@@ -74,6 +74,10 @@ def build_parser() -> argparse.ArgumentParser:
                    type=int, default=1)
     g.add_argument("--data-parallel-size", "--dp-size", "--dp", dest="data_parallel_size",
                    type=int, default=1)
+    g.add_argument("--nnodes", type=int, default=1, help="processes in a multi-host mesh")
+    g.add_argument("--node-rank", type=int, default=0, help="this process (0 serves HTTP)")
+    g.add_argument("--dist-init-addr", default=None,
+                   help="HOST:PORT of the jax.distributed coordinator (rank 0's host)")
     g.add_argument("--max-queue-size", type=int, default=None)
     g.add_argument("--disable-precompile", action="store_true",
                    help="compile buckets lazily on first use instead of at start-up")
@@ -137,6 +141,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
                      attention_backend=args.attention_backend,
                      tensor_parallel_size=args.tensor_parallel_size,
                      data_parallel_size=args.data_parallel_size, seed=args.seed,
+                     nnodes=args.nnodes, node_rank=args.node_rank,
+                     dist_init_addr=args.dist_init_addr,
                      max_queue_size=args.max_queue_size, decode_buckets=args.decode_buckets,
                      prefill_buckets=args.prefill_buckets)
     engine_kw = {k: v for k, v in engine_kw.items() if v is not None or k == "model"}
@@ -229,6 +235,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except ValueError as exc:
         logger.error("bad arguments: %s", exc)
         return 2
+    if engine_config.nnodes > 1:
+        from sharding.distributed import initialize, run_follower
+        initialize(engine_config.nnodes, engine_config.node_rank, engine_config.dist_init_addr)
+        if engine_config.node_rank > 0:
+            from serving.engine.engine import LLMEngine
+            return run_follower(LLMEngine(engine_config), engine_config)
     native = dict(task=args.task, is_embedding=args.is_embedding, api_dialect=args.api_dialect)
     if args.task == "auto" and not args.is_embedding:
         from serving.engine.pooling_engine import detect_task

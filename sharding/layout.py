@@ -37,6 +37,10 @@ class TensorParallelLayout:
     def for_engine(cls, tp: int, mesh: Optional[Mesh] = None) -> "TensorParallelLayout":
         """``mesh`` if given; else a tp-device mesh when ``tp > 1`` or several processes."""
         if mesh is None and (tp > 1 or jax.process_count() > 1):
+            if jax.process_count() > 1 and tp != jax.device_count():
+                raise ValueError(f"multi-host serving runs one replica over every device: "
+                                 f"--tp-size must be {jax.device_count()} "
+                                 f"({jax.process_count()} nodes), got {tp}")
             mesh = make_mesh(tp, 1)
         return cls(mesh)
 

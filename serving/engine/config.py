@@ -27,6 +27,9 @@ class EngineConfig:
     attention_backend: str = "auto"
     tensor_parallel_size: int = 1
     data_parallel_size: int = 1
+    nnodes: int = 1  # multi-host (SGLang names): processes in one jax.distributed mesh
+    node_rank: int = 0  # this process; rank 0 serves HTTP, the others follow in lockstep
+    dist_init_addr: Optional[str] = None  # HOST:PORT of the coordinator (PORT+1: control)
     seed: int = 0
     compile_cache_dir: Optional[str] = "~/.cache/jax-serve/xla"  # None disables
     precompile: bool = True  # compile every bucket at start-up
@@ -47,3 +50,7 @@ class EngineConfig:
             raise ValueError("max_model_len must be positive")
         if self.tensor_parallel_size < 1 or self.data_parallel_size < 1:
             raise ValueError("parallel sizes must be at least 1")
+        if self.nnodes > 1 and not self.dist_init_addr:
+            raise ValueError("--nnodes > 1 needs --dist-init-addr HOST:PORT")
+        if not 0 <= self.node_rank < self.nnodes:
+            raise ValueError(f"node_rank must be in [0, {self.nnodes}), got {self.node_rank}")

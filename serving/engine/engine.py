@@ -699,6 +699,11 @@ class AsyncEngine:
 
 def build_engine(config: EngineConfig):
     """One ``LLMEngine``, or a ``DataParallelEngine`` of ``data_parallel_size`` replicas."""
+    if config.nnodes > 1:  # rank 0 of a multi-host mesh: steps run on every node
+        from sharding.distributed import Leader
+        engine = LLMEngine(config)
+        Leader(config.dist_init_addr, config.nnodes - 1).attach(engine.runner)
+        return engine
     if config.data_parallel_size == 1:
         return LLMEngine(config)
     from sharding.data_parallel import DataParallelEngine
