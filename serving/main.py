@@ -25,6 +25,8 @@ from serving.engine.config import EngineConfig
 
 logger = logging.getLogger("serving.main")
 
+# What /v1/models reports for the embedded default model when no name is given.
+DEFAULT_SERVED_NAME = "HuggingFaceTB/SmolLM2-135M-Instruct"
 LOG_LEVELS = ("critical", "error", "warning", "info", "debug", "trace")
 
 
@@ -154,8 +156,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
     api_key = args.api_key or os.environ.get("JAX_SERVE_API_KEY") or os.environ.get(
         "VLLM_API_KEY") or None
     names = tuple(args.served_model_name or ())
-    if not names and model:
-        names = (model,)
+    if not names:
+        names = (model,) if model else (DEFAULT_SERVED_NAME,)
     server_config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
                                  api_key=api_key,
                                  chat_template=read_chat_template(args.chat_template),

@@ -47,6 +47,7 @@ def create_app(engine: Any, config: Optional[ServerConfig] = None) -> Quart:
     config = config or ServerConfig()
     names = config.served_model_names or (str(engine.model_path),)
     state = ServerState(engine=engine, config=config, model_names=tuple(names),
+                        accepted_names=frozenset(names) | {str(engine.model_path)},
                         metrics=ServerMetrics(engine.stats, names[0]))
     app = Quart("jax_serve")
     app.config.update(RESPONSE_TIMEOUT=None, BODY_TIMEOUT=60,
@@ -97,7 +98,7 @@ def _error(state: ServerState, err: APIError) -> Response:
 def _install_error_handlers(app: Quart, state: ServerState) -> None:
     @app.errorhandler(APIError)
     async def api_error(err: APIError):
-        if err.status >= 500:
+        if err.status >= 500 and err.status != 503:
             logger.error("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
         return _error(state, err)
 

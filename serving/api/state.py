@@ -33,7 +33,9 @@ class ServerState:
         engine: the AsyncEngine (or any object with its interface).
         config: the ServerConfig.
         metrics: the app's Prometheus metrics.
-        model_names: names accepted in a request's ``model``; the first is reported.
+        model_names: the served names (listed by /v1/models); the first is reported.
+        accepted_names: names accepted in a request's ``model`` (the served
+            names and the model path).
         start_time: when the app was built (unix seconds).
     """
 
@@ -41,6 +43,7 @@ class ServerState:
     config: ServerConfig
     metrics: ServerMetrics
     model_names: tuple[str, ...]
+    accepted_names: frozenset[str] = frozenset()
     start_time: float = dataclasses.field(default_factory=time.time)
 
     @property
@@ -57,7 +60,7 @@ class ServerState:
 
     def check_model(self, name: Optional[str]) -> str:
         """Returns the name to report; raises 404 for a model this server does not serve."""
-        if name is None or name == "" or name in self.model_names:
+        if name is None or name == "" or name in self.model_names or name in self.accepted_names:
             return self.model_name
         raise APIError(f"The model `{name}` does not exist.", 404, "model")
 

@@ -101,7 +101,7 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
     Returns:
       SampleResult with the chosen tokens and their raw log-probabilities.
     """
-    logits = logits.astype(jnp.float32)
+    logits = jnp.asarray(logits, jnp.float32)
     num_rows, vocab = logits.shape
     raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
     rows = jnp.arange(num_rows)[:, None]

@@ -65,6 +65,10 @@ def launch(kind: str, extra_args: list[str] = ()):
     """Starts a server of ``kind`` ("real" or "fake"), waits for /health, kills it at exit."""
     if kind == "real" and not REAL_ENGINE:
         pytest.skip("serving/engine/engine.py has not landed yet")
+    if kind == "real" and os.environ.get("JAX_SERVE_TEST_URL") and not extra_args:
+        # development aid: reuse a server started by hand with TINY_ARGS
+        yield Server(kind, os.environ["JAX_SERVE_TEST_URL"], None, os.devnull)
+        return
     port = free_port()
     args = ["--port", str(port), "--host", "127.0.0.1", *TINY_ARGS, *extra_args]
     module = "serving.main" if kind == "real" else "tests.server.fake_server"
