@@ -9,6 +9,7 @@ embeddings are tied) are dropped by ``hf_names``.
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Callable, Mapping
 
@@ -71,6 +72,7 @@ class MissingWeightError(KeyError):
         return self.args[0]
 
 
+@functools.lru_cache(maxsize=16)
 def _flat_abstract(config: ModelConfig, dtype) -> dict[Path, jax.ShapeDtypeStruct]:
     from model.api import abstract_model  # local: api imports the decoder
 
@@ -81,7 +83,7 @@ def _flat_abstract(config: ModelConfig, dtype) -> dict[Path, jax.ShapeDtypeStruc
 
 def hf_names(config: ModelConfig, dtype="float32") -> dict[str, tuple[Path, bool]]:
     """Every Hugging Face tensor name this config needs -> ``(our path, transpose)``."""
-    paths = _flat_abstract(config, dtype)
+    paths = _flat_abstract(config, str(jnp.dtype(dtype)))
     names: dict[str, tuple[Path, bool]] = {}
     for hf, (path, transpose) in GLOBAL_WEIGHT_MAP.items():
         if path in paths:
