@@ -1,0 +1,201 @@
+"""The engine end to end on a tiny random Llama: batching, sampling features,
+stops, preemption, prefix caching and abort, checked against a plain greedy loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from model.generate import greedy_generate
+from serving.engine.config import EngineConfig
+from serving.engine.engine import LLMEngine
+from serving.engine.types import SamplingParams, ValidationError
+from tests.model.tiny_hf import save_hf_model
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import transformers
+    from model.default import default_model_path
+    from model.tokenizer import load_tokenizer
+
+    path = tmp_path_factory.mktemp("tiny_llama_engine")
+    cfg = transformers.LlamaConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+        max_position_embeddings=512, tie_word_embeddings=True, eos_token_id=2, bos_token_id=1)
+    import torch
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.1)
+    model.save_pretrained(path)
+    load_tokenizer(default_model_path(), "gguf").save_pretrained(path)
+    return str(path)
+
+
+def _engine(model_dir, **kw) -> LLMEngine:
+    args = dict(model=model_dir, max_model_len=128, max_num_seqs=8, max_num_batched_tokens=32,
+                precompile=False, compile_cache_dir=None, page_size=8)
+    args.update(kw)
+    return LLMEngine(EngineConfig(**args))
+
+
+@pytest.fixture(scope="module")
+def engine(model_dir):
+    return _engine(model_dir)
+
+
+def run(engine: LLMEngine, requests: dict, max_steps: int = 2000, abort_after=None):
+    """Submits {rid: (prompt, params)}; steps until all finish; returns final outputs."""
+    for rid, (prompt, params) in requests.items():
+        engine.submit(rid, prompt, engine.validate(prompt, params))
+    final, steps = {}, 0
+    while engine.has_work():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        steps += 1
+        if abort_after and steps == abort_after[1]:
+            engine.abort(abort_after[0])
+        assert steps < max_steps
+    assert engine.block_manager.num_free_pages == engine.block_manager.num_usable_pages
+    return final
+
+
+PROMPTS = [[1, 450, 3681, 310, 3444, 338], [1, 20, 30, 40], list(range(100, 160)),
+           [5], [1, 2000, 3000, 4000, 5000, 6000, 7000, 8000, 9000, 10000, 11000]]
+
+
+def greedy(n=12, **kw):
+    return SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True, **kw)
+
+
+def test_greedy_batch_equals_reference_loop(engine):
+    outs = run(engine, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)})
+    for i, p in enumerate(PROMPTS):
+        ref = greedy_generate(engine.loaded, p, 12, eos_token_ids=())
+        assert outs[f"r{i}"].outputs[0].token_ids == ref, i
+        assert outs[f"r{i}"].outputs[0].finish_reason == "length"
+
+
+def test_alone_equals_in_a_mixed_batch(engine):
+    target = PROMPTS[0]
+    alone = run(engine, {"a": (target, greedy(20))})["a"].outputs[0].token_ids
+    rng = np.random.default_rng(0)
+    reqs = {f"m{i}": (rng.integers(3, 49000, size=int(rng.integers(1, 60))).tolist(),
+                      SamplingParams(temperature=0.9, seed=i, max_tokens=int(rng.integers(1, 30))))
+            for i in range(12)}
+    reqs["t"] = (target, greedy(20))
+    assert run(engine, reqs)["t"].outputs[0].token_ids == alone
+
+
+def test_seed_gives_same_tokens_whatever_the_batch(engine):
+    p = SamplingParams(temperature=1.0, seed=1234, max_tokens=10)
+    alone = run(engine, {"s": (PROMPTS[1], p)})["s"].outputs[0].token_ids
+    reqs = {f"o{i}": (PROMPTS[i % 5], SamplingParams(temperature=1.0, max_tokens=7))
+            for i in range(6)}
+    reqs["s"] = (PROMPTS[1], SamplingParams(temperature=1.0, seed=1234, max_tokens=10))
+    outs = run(engine, reqs)
+    assert outs["s"].outputs[0].token_ids == alone
+    other = run(engine, {"x": (PROMPTS[1], SamplingParams(temperature=1.0, seed=99, max_tokens=10))})
+    assert other["x"].outputs[0].token_ids != alone
+
+
+def test_n_and_best_of(engine):
+    out = run(engine, {"n": (PROMPTS[0], SamplingParams(n=3, temperature=1.0, seed=5, max_tokens=8))})["n"]
+    assert [o.index for o in out.outputs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in out.outputs}) > 1
+    out = run(engine, {"b": (PROMPTS[0], SamplingParams(n=2, best_of=4, temperature=1.0, seed=5,
+                                                        max_tokens=8))})["b"]
+    assert len(out.outputs) == 2
+    assert out.outputs[0].cumulative_logprob >= out.outputs[1].cumulative_logprob
+
+
+def test_stop_strings_and_stop_token_ids(engine):
+    base = run(engine, {"g": (PROMPTS[0], greedy(24))})["g"].outputs[0]
+    text = base.text
+    assert len(text) > 12
+    stop = text[6:9]
+    idx = text.find(stop)
+    out = run(engine, {"s": (PROMPTS[0], greedy(24, stop=[stop]))})["s"].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == text[:idx]
+    out = run(engine, {"s": (PROMPTS[0], greedy(24, stop=[stop], include_stop_str_in_output=True))})
+    assert out["s"].outputs[0].text == text[:idx + len(stop)]
+    tid = base.token_ids[4]
+    first = base.token_ids.index(tid)
+    out = run(engine, {"t": (PROMPTS[0], greedy(24, stop_token_ids=[tid]))})["t"].outputs[0]
+    assert out.token_ids == base.token_ids[:first + 1] and out.stop_reason == tid
+
+
+def test_min_tokens_bans_stop_ids(engine):
+    base = run(engine, {"g": (PROMPTS[1], greedy(8))})["g"].outputs[0].token_ids
+    out = run(engine, {"m": (PROMPTS[1], greedy(8, stop_token_ids=[base[0]], min_tokens=3))})
+    toks = out["m"].outputs[0].token_ids
+    assert len(toks) >= 3 and base[0] not in toks[:3]
+
+
+def test_logprobs_and_prompt_logprobs(engine):
+    out = run(engine, {"l": (PROMPTS[0], greedy(6, logprobs=3, prompt_logprobs=2))})["l"]
+    comp = out.outputs[0]
+    assert len(comp.logprobs) == 6
+    total = 0.0
+    for tok, pos in zip(comp.token_ids, comp.logprobs):
+        assert pos[tok].rank == 1 and len(pos) == 3
+        total += pos[tok].logprob
+    assert comp.cumulative_logprob == pytest.approx(total, rel=1e-5)
+    assert len(out.prompt_logprobs) == len(PROMPTS[0]) and out.prompt_logprobs[0] is None
+    for tok, pos in zip(PROMPTS[0][1:], out.prompt_logprobs[1:]):
+        assert tok in pos and pos[tok].logprob <= 0
+
+
+def test_logit_bias_and_allowed_tokens(engine):
+    out = run(engine, {"b": (PROMPTS[1], greedy(5, logit_bias={777: 100.0}))})
+    assert out["b"].outputs[0].token_ids == [777] * 5
+    allowed = [11, 22, 33]
+    out = run(engine, {"a": (PROMPTS[1], SamplingParams(temperature=1.0, max_tokens=10, seed=3,
+                                                        allowed_token_ids=allowed))})
+    assert set(out["a"].outputs[0].token_ids) <= set(allowed)
+
+
+def test_abort_frees_pages(engine):
+    out = run(engine, {"x": (PROMPTS[2], greedy(60))}, abort_after=("x", 3))
+    assert out["x"].outputs[0].finish_reason == "abort"
+    assert 0 < len(out["x"].outputs[0].token_ids) < 60
+
+
+def test_prefix_cache_reuses_pages_without_changing_output(engine):
+    prompt = list(range(200, 250))
+    first = run(engine, {"p1": (prompt, greedy(8))})["p1"]
+    second = run(engine, {"p2": (prompt, greedy(8))})["p2"]
+    assert second.metrics.num_cached_tokens >= 40
+    assert second.outputs[0].token_ids == first.outputs[0].token_ids
+
+
+def test_validation_errors(engine):
+    with pytest.raises(ValidationError) as e:
+        engine.validate(list(range(1, 130)), greedy(4))
+    assert "maximum context length is 128" in str(e.value)
+    with pytest.raises(ValidationError):
+        engine.validate([], greedy(4))
+    with pytest.raises(ValidationError):
+        engine.validate([10**6], greedy(4))
+
+
+def test_max_model_len_finishes_with_length(engine):
+    out = run(engine, {"m": (PROMPTS[2], SamplingParams(temperature=0, max_tokens=None,
+                                                        ignore_eos=True))})["m"]
+    assert len(PROMPTS[2]) + len(out.outputs[0].token_ids) == 128
+    assert out.outputs[0].finish_reason == "length"
+
+
+def test_preemption_keeps_outputs_exact(model_dir, engine):
+    small = _engine(model_dir, num_pages=14, max_model_len=96, enable_prefix_caching=False)
+    reqs = {f"q{i}": (p, greedy(30)) for i, p in enumerate(PROMPTS[:4])}
+    outs = run(small, reqs)
+    assert small.counters["preemptions"] > 0
+    for i, p in enumerate(PROMPTS[:4]):
+        assert outs[f"q{i}"].outputs[0].token_ids == greedy_generate(
+            engine.loaded, p, 30, eos_token_ids=()), i

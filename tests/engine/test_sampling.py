@@ -1,0 +1,93 @@
+"""On-device sampling vs numpy expectations on crafted logits."""
+
+import numpy as np
+import pytest
+
+from serving.engine.runner import _default_sampling
+from serving.engine.sampling import prompt_logprobs, sample
+
+V = 16
+
+
+def _st(num, **over):
+    import dataclasses
+    st = _default_sampling(num, V)
+    fields = {}
+    for k, v in over.items():
+        fields[k] = np.asarray(v)
+    flags = {k: fields.pop(k).item() for k in list(fields)
+             if k in ("do_top", "do_penalties", "do_bias", "do_allowed", "num_logprobs")}
+    return dataclasses.replace(st, **fields, **flags)
+
+
+def _logits(rows, seed=0):
+    return np.random.default_rng(seed).normal(size=(rows, V)).astype(np.float32) * 3
+
+
+def test_greedy_is_argmax_and_logprobs_are_raw():
+    x = _logits(3)
+    res = sample(x, _st(3, num_logprobs=4))
+    np.testing.assert_array_equal(res.tokens, x.argmax(-1))
+    lse = np.log(np.exp(x - x.max(-1, keepdims=True)).sum(-1)) + x.max(-1)
+    np.testing.assert_allclose(res.logprobs, x.max(-1) - lse, rtol=1e-5)
+    np.testing.assert_array_equal(res.ranks, [1, 1, 1])
+    np.testing.assert_array_equal(res.top_ids[:, 0], x.argmax(-1))
+    assert res.top_ids.shape == (3, 4)
+
+
+def test_seeded_rows_do_not_depend_on_the_batch():
+    x = _logits(1, seed=3)
+    alone = sample(x, _st(1, temperature=[1.0], seeds=[7], steps=[2])).tokens
+    batch = np.concatenate([_logits(5, seed=9), x])
+    st = _st(6, temperature=[1.0] * 6, seeds=[1, 2, 3, 4, 5, 7], steps=[0, 0, 0, 0, 0, 2])
+    assert sample(batch, st).tokens[5] == alone[0]
+
+
+def test_sampling_follows_the_distribution():
+    x = np.log(np.array([[0.5, 0.3, 0.2] + [1e-9] * (V - 3)], np.float32))
+    x = np.repeat(x, 2000, axis=0)
+    st = _st(2000, temperature=[1.0] * 2000, seeds=np.arange(2000), steps=[0] * 2000)
+    counts = np.bincount(np.asarray(sample(x, st).tokens), minlength=V)[:3] / 2000
+    np.testing.assert_allclose(counts, [0.5, 0.3, 0.2], atol=0.04)
+
+
+@pytest.mark.parametrize("kind", ["top_k", "top_p", "min_p"])
+def test_top_filters_restrict_the_support(kind):
+    probs = np.array([0.4, 0.3, 0.2, 0.1] + [0.0] * (V - 4)) + 1e-12
+    x = np.repeat(np.log(probs / probs.sum())[None].astype(np.float32), 500, axis=0)
+    over = dict(temperature=[1.0] * 500, seeds=np.arange(500), steps=[0] * 500, do_top=True)
+    if kind == "top_k":
+        over["top_k"] = [2] * 500
+        allowed = {0, 1}
+    elif kind == "top_p":
+        over["top_p"] = [0.65] * 500  # 0.4 + 0.3 >= 0.65: nucleus {0, 1}
+        allowed = {0, 1}
+    else:
+        over["min_p"] = [0.6] * 500  # keep p >= 0.24
+        allowed = {0, 1}
+    toks = set(np.asarray(sample(x, _st(500, **over)).tokens).tolist())
+    assert toks == allowed
+
+
+def test_bias_allowed_and_penalties():
+    x = np.zeros((3, V), np.float32)
+    x[:, 5] = 2.0
+    st = _st(3, do_bias=True, bias_ids=[[3, V], [V, V], [V, V]], bias_vals=[[5.0, 0], [0, 0], [0, 0]],
+             do_allowed=True, allowed_ids=[[V, V], [7, 8], [V, V]],
+             has_allowed=[False, True, False])
+    np.testing.assert_array_equal(sample(x, st).tokens, [3, 7, 5])
+    # repetition penalty divides positive logits of seen tokens; presence subtracts
+    y = np.zeros((2, V), np.float32)
+    y[:, 5], y[:, 6] = 2.0, 1.5
+    st = _st(2, do_penalties=True, rep_pen=[2.0, 1.0], pres_pen=[0.0, 1.0],
+             out_tokens=[[5, V], [5, V]], prompt_tokens=[[V], [V]])
+    np.testing.assert_array_equal(sample(y, st).tokens, [6, 6])
+
+
+def test_prompt_logprobs_score_the_next_tokens():
+    x = _logits(4)
+    nxt = np.array([1, 2, 3, 4], np.int32)
+    lp, rank, top_ids, top_lp = prompt_logprobs(x, nxt, 2)
+    ref = x - np.log(np.exp(x).sum(-1, keepdims=True))
+    np.testing.assert_allclose(lp, ref[np.arange(4), nxt], rtol=1e-5, atol=1e-5)
+    assert top_ids.shape == (4, 2)
