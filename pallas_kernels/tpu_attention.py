@@ -18,9 +18,11 @@ Layout and schedule:
   current one is reduced), and runs an online softmax.
 
 Why not jax's own ``ragged_paged_attention``: in jax 0.10.2 it fails in TPU
-interpret mode with ``'ReshapeTransform' object has no attribute 'indices'``,
-raised by its ``kv_bufs.at[...].wait().reshape(...)`` (reshaping a *ref*) and
-strided ref loads used to split combined K/V heads. This kernel never
+interpret mode with ``'ReshapeTransform' object has no attribute 'indices'``:
+it loads through a reshaped *ref* (``cur_async_copy_kv.wait().reshape(...)``
+then strided loads to split combined K/V heads), and the interpreter's ``get``
+cannot index a ``ReshapeTransform`` (reproduced in
+``tests/kernels/test_attention_kernels.py::test_jax_rpa_fails_in_interpret_mode``). This kernel never
 reshapes or strides a ref: pages are DMA'd straight into ``pl.ds`` row ranges
 of a ``[2, pages_per_block * page_size, D]`` buffer, and K and V are separate
 caches, so every ref access is a plain slice.

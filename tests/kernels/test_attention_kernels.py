@@ -165,3 +165,20 @@ def test_q_block_seq_ranges():
     assert got[0].tolist() == [0, 2]
     assert got[1].tolist() == [2, 3]
     assert got[2][1] < got[2][0]
+
+
+@pytest.mark.slow
+def test_jax_rpa_fails_in_interpret_mode():
+    """Why we ship our own TPU kernel: jax 0.10.2's ragged_paged_attention loads
+    through a reshaped ref, which TPU interpret mode cannot index. Fails loudly
+    (strict) once jax fixes it, so the choice can be revisited."""
+    from jax.experimental.pallas.ops.tpu.ragged_paged_attention import (
+        ragged_paged_attention as jax_rpa)
+    q = jnp.ones((8, 8, 128), jnp.float32)
+    kv = jnp.ones((8, 16, 4, 128), jnp.float32)  # [pages, page, 2 * Hkv, D]
+    with pytest.raises(Exception, match="ReshapeTransform"):
+        with pltpu.force_tpu_interpret_mode():
+            jax.block_until_ready(jax_rpa(
+                q, kv, jnp.array([8, 0], jnp.int32), jnp.array([[1, 2], [0, 0]], jnp.int32),
+                jnp.array([0, 8, 8], jnp.int32), jnp.array([1], jnp.int32),
+                num_kv_pages_per_block=1, num_queries_per_block=8))
