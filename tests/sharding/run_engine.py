@@ -5,7 +5,8 @@ environment (the device count must be fixed before jax is imported). Prints
 one JSON line: ``{"tokens": [[...], ...], "weight_bytes": .., "kv_bytes": ..}``
 where the byte counts are the largest per-device footprint.
 
-Usage: ``python tests/sharding/run_engine.py MODEL|default TP DP``
+Usage: ``python tests/sharding/run_engine.py MODEL|default TP:DP [TP:DP ...]``
+(one JSON line per configuration, in order).
 """
 
 from __future__ import annotations
@@ -17,15 +18,15 @@ import sys
 
 PROMPTS = [[1, 504, 3458, 282, 4649, 314], [1, 2683, 549, 2016, 30, 216],
            [1, 416, 253, 1123, 24, 2, 7, 9, 31, 77], [1, 5248, 42, 12]]
-MAX_TOKENS = 10
+MAX_TOKENS = 8
 
 
 def engine_config(model, tp: int, dp: int):
     from serving.engine.config import EngineConfig
 
-    return EngineConfig(model=model, dtype="float32", max_model_len=128, max_num_seqs=4,
-                        max_num_batched_tokens=64, num_pages=48, precompile=False,
-                        compile_cache_dir=None, decode_buckets=(4,), prefill_buckets=(16, 64),
+    return EngineConfig(model=model, dtype="float32", max_model_len=64, max_num_seqs=4,
+                        max_num_batched_tokens=16, num_pages=24, precompile=False,
+                        compile_cache_dir=None, decode_buckets=(4,), prefill_buckets=(16,),
                         tensor_parallel_size=tp, data_parallel_size=dp)
 
 
@@ -66,5 +67,8 @@ async def main(model, tp: int, dp: int) -> dict:
 if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     model = None if sys.argv[1] == "default" else sys.argv[1]
-    result = asyncio.run(main(model, int(sys.argv[2]), int(sys.argv[3])))
-    print(json.dumps(result))
+    for spec in sys.argv[2:]:
+        tp, dp = (int(x) for x in spec.split(":"))
+        result = asyncio.run(main(model, tp, dp))
+        result.update(tp=tp, dp=dp)
+        print(json.dumps(result), flush=True)
