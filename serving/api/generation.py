@@ -16,6 +16,7 @@ from typing import Any, AsyncIterator
 
 from serving.api.errors import APIError
 from serving.api.metrics import RequestTimer
+from serving.api.protocol import random_uuid
 from serving.engine.types import SamplingParams, ValidationError
 
 logger = logging.getLogger(__name__)
@@ -34,7 +35,7 @@ class Generation:
 
     Args:
         state: the ServerState.
-        base_id: the HTTP request's id; engine ids are ``{base_id}-{i}``.
+        base_id: the HTTP request's id; engine ids are ``{base_id}-{salt}-{i}``.
         prompts: prompt token ids, one list per engine request.
         params: the sampling params of each prompt (their max_tokens may differ).
     """
@@ -45,7 +46,9 @@ class Generation:
         self.base_id = base_id
         self.prompts = prompts
         self.params = params
-        self.request_ids = [f"{base_id}-{i}" for i in range(len(prompts))]
+        # A short random part keeps engine ids unique when clients reuse an X-Request-Id.
+        salt = random_uuid()[:8]
+        self.request_ids = [f"{base_id}-{salt}-{i}" for i in range(len(prompts))]
         self._streams: list[Any] = []
         self._finished: set[int] = set()
         self._timers: list[RequestTimer] = []
