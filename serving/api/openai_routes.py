@@ -40,7 +40,7 @@ def register(app: Quart, state: ServerState) -> None:
     @app.post("/v1/chat/completions")
     async def chat_completions():
         req = await parse_body(ChatCompletionRequest)
-        rid = state.request_id()
+        rid = state.request_id(req.request_id)
         _log_request(state, rid, "chat", [m.role for m in req.messages])
         result = await create_chat_completion(state, req, rid)
         return result if isinstance(result, Response) else _json(result)

@@ -68,11 +68,12 @@ class ServerState:
         if not self.engine.is_ready():
             raise APIError("The engine is still starting (compiling); retry shortly.", 503)
 
-    def request_id(self) -> str:
-        """The base request id: the client's X-Request-Id if sent, else a fresh uuid."""
-        rid = request.headers.get("X-Request-Id")
-        if rid and len(rid) <= 256 and rid.isprintable():
-            return rid
+    def request_id(self, body_id: Optional[str] = None) -> str:
+        """The base request id: the X-Request-Id header, else the body's
+        ``request_id`` (vLLM's chat field), else a fresh uuid."""
+        for rid in (request.headers.get("X-Request-Id"), body_id):
+            if rid and len(rid) <= 256 and rid.isprintable():
+                return rid
         return random_uuid()
 
     def chat_template(self, override: Optional[str] = None) -> Optional[str]:
