@@ -1,0 +1,244 @@
+"""A real SmolLM2 server through the SGLang, LMDeploy and RTP-LLM native routes."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import httpx
+import pytest
+
+from tests.server.native_launch import assert_json_error, launch
+
+pytestmark = pytest.mark.slow
+
+GREEDY = {"text": "The capital of France is", "sampling_params": {"max_new_tokens": 6,
+                                                                  "temperature": 0}}
+MODEL_INFO_KEYS = {"model_path", "is_generation", "tokenizer_path", "preferred_sampling_params",
+                   "weight_version", "has_image_understanding", "has_audio_understanding",
+                   "model_type", "architectures"}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """A converted (orbax) copy of the default model, and a tiny Llama of other shapes."""
+    from model.default import default_model_path
+    from tests.model.tiny_hf import save_hf_model
+    from tools.convert_hf import convert
+
+    root = tmp_path_factory.mktemp("weights")
+    convert(str(default_model_path()), root / "smollm2-converted")
+    save_hf_model("llama", root / "tiny-llama")
+    return root / "smollm2-converted", root / "tiny-llama"
+
+
+@pytest.fixture(scope="module")
+def server():
+    with launch([]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
+
+
+def _meta_ok(obj: dict) -> dict:
+    assert {"text", "meta_info"} <= set(obj)
+    meta = obj["meta_info"]
+    assert {"id", "prompt_tokens", "completion_tokens", "finish_reason"} <= set(meta)
+    assert meta["finish_reason"]["type"] in ("length", "stop", "abort")
+    return meta
+
+
+def test_sglang_generate(client):
+    one = client.post("/generate", json={**GREEDY, "rid": "my-rid"}).json()
+    meta = _meta_ok(one)
+    assert meta["id"] == "my-rid" and meta["completion_tokens"] == 6
+    assert meta["finish_reason"] == {"type": "length", "length": 6}
+    again = client.post("/generate", json=GREEDY).json()
+    assert again["text"] == one["text"]  # greedy is deterministic
+    ids = client.post("/tokenize", json={"prompt": GREEDY["text"]}).json()["tokens"]
+    by_ids = client.post("/generate", json={"input_ids": ids, "sampling_params":
+                                            GREEDY["sampling_params"]}).json()
+    assert by_ids["text"] == one["text"]
+    batch = client.post("/generate", json={"text": [GREEDY["text"], "Hello"],
+                                           "sampling_params": {"max_new_tokens": 3}}).json()
+    assert isinstance(batch, list) and len(batch) == 2
+    for b in batch:
+        _meta_ok(b)
+    lp = client.post("/generate", json={**GREEDY, "return_logprob": True,
+                                        "top_logprobs_num": 2, "return_text_in_logprobs": True})
+    meta = lp.json()["meta_info"]
+    assert len(meta["output_token_logprobs"]) == 6
+    logprob, tid, text = meta["output_token_logprobs"][0]
+    assert logprob <= 0 and isinstance(tid, int) and isinstance(text, str)
+    assert len(meta["output_top_logprobs"][0]) == 2
+
+
+def test_sglang_generate_stream_and_stop(client):
+    with client.stream("POST", "/generate", json={**GREEDY, "stream": True}) as r:
+        assert r.status_code == 200
+        events = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    chunks = [json.loads(e) for e in events[:-1]]
+    assert chunks[-1]["meta_info"]["finish_reason"]["type"] == "length"
+    full = client.post("/generate", json=GREEDY).json()["text"]
+    assert chunks[-1]["text"] == full  # SGLang streams the cumulative text
+    word = full.split()[0] if full.split() else full[:1]
+    stopped = client.post("/generate", json={"text": GREEDY["text"], "sampling_params": {
+        "max_new_tokens": 6, "temperature": 0, "stop": [word]}}).json()
+    assert stopped["meta_info"]["finish_reason"]["type"] == "stop"
+
+
+def test_lmdeploy_generate(client):
+    flat = client.post("/generate", json={"prompt": "The capital of France is", "max_tokens": 6,
+                                          "temperature": 0, "session_id": 7}).json()
+    meta = _meta_ok(flat)
+    sgl = client.post("/generate", json=GREEDY).json()
+    assert flat["text"] == sgl["text"] and meta["completion_tokens"] == 6
+    with client.stream("POST", "/generate", json={"prompt": "Hello", "max_tokens": 4,
+                                                  "temperature": 0, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    whole = client.post("/generate", json={"prompt": "Hello", "max_tokens": 4,
+                                           "temperature": 0}).json()["text"]
+    assert "".join(c["text"] for c in chunks) == whole  # LMDeploy streams deltas
+    assert client.post("/abort_request", json={"session_id": 7}).json() == {}
+    assert client.post("/abort_request", json={"rid": "nothing", "abort_all": True}).json() == {}
+
+
+def test_abort_a_running_request(client):
+    def start():
+        return client.post("/generate", json={"text": "Count to one hundred:", "rid": "long-1",
+                                              "sampling_params": {"max_new_tokens": 300,
+                                                                  "ignore_eos": True}})
+    import concurrent.futures
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        fut = pool.submit(start)
+        time.sleep(3)
+        assert client.post("/abort_request", json={"rid": "long-1"}).status_code == 200
+        out = fut.result(timeout=300).json()
+    assert out["meta_info"]["finish_reason"]["type"] == "abort"
+    assert out["meta_info"]["completion_tokens"] < 300
+
+
+def test_model_and_server_info(client):
+    info = client.get("/get_model_info").json()
+    assert set(info) == MODEL_INFO_KEYS
+    assert info["is_generation"] is True and info["preferred_sampling_params"] is None
+    assert info["model_type"] == "llama" and info["architectures"] == ["LlamaForCausalLM"]
+    server = client.get("/get_server_info").json()
+    assert server["max_total_num_tokens"] > 0 and "version" in server
+    assert client.get("/get_server_args").json()["max_model_len"] == 512
+    assert client.get("/get_memory_pool_size").json() == server["max_total_num_tokens"]
+    assert client.get("/health_generate").status_code == 200
+    flush = client.post("/flush_cache")
+    assert flush.status_code == 200 and flush.text.startswith("Cache flushed")
+
+
+def test_decoder_v1_score(client):
+    tok = client.post("/tokenize", json={"prompt": " Paris London", "add_special_tokens":
+                                         False}).json()["tokens"]
+    body = {"query": "The capital of France is", "items": ["", " the city of"],
+            "label_token_ids": tok[:2], "apply_softmax": True}
+    body["items"] = [" the city", " a town"]
+    scores = client.post("/v1/score", json=body).json()["scores"]
+    assert len(scores) == 2 and all(len(s) == 2 and abs(sum(s) - 1) < 1e-4 for s in scores)
+    raw = client.post("/v1/score", json={**body, "apply_softmax": False}).json()["scores"]
+    assert all(0 <= p <= 1 for s in raw for p in s)
+    assert_json_error(client.post("/v1/score", json={"query": "q", "items": ["a"],
+                                                     "label_token_ids": []}))
+
+
+def test_rtp_routes(client):
+    out = client.post("/", json={"prompt": "who are you", "generate_config":
+                                 {"max_new_tokens": 5, "temperature": 0, "ignore_eos": True}}).json()
+    assert set(out) >= {"response", "finished", "aux_info"} and out["finished"] is True
+    assert out["aux_info"]["output_len"] == 5 and out["aux_info"]["input_len"] > 0
+    batch = client.post("/", json={"prompt": ["a", "b"], "generate_config":
+                                   {"max_new_tokens": 2}}).json()
+    assert len(batch["response_batch"]) == 2
+    msgs = {"messages": [{"role": "user", "content": "hello?"}]}
+    for path in ("/chat/render", "/v1/chat/render"):
+        r = client.post(path, json=msgs).json()
+        assert "hello?" in r["rendered_prompt"] and r["input_ids"]
+    got = client.get("/chat/render", params={"messages": json.dumps(msgs["messages"])}).json()
+    assert "hello?" in got["rendered_prompt"]
+    enc = client.post("/tokenizer/encode", json={"prompt": "hello"}).json()
+    assert enc["token_ids"] and len(enc["tokens"]) == len(enc["token_ids"])
+    for path in ("/worker_status", "/rtp_llm/worker_status"):
+        ws = client.post(path, json={"latest_cache_version": -1}).json()
+        assert {"running_task_info", "finished_task_list", "cache_status"} <= set(ws)
+        assert ws["cache_status"]["total_kv_cache"] > 0
+        assert client.get(path).status_code == 200
+    for path in ("/status", "/health_check"):
+        assert client.get(path).json()["alive"] is True
+        assert client.post(path).status_code == 200
+    assert "block_size" in client.get("/cache_status").json()
+    assert client.post("/set_log_level", json={"log_level": "INFO"}).status_code == 200
+    assert client.post("/set_log_level", json={"log_level": "WARNING"}).status_code == 200
+    lmd = client.post("/v1/encode", json={"input": "hello"}).json()
+    assert lmd["input_ids"] == enc["token_ids"] and lmd["length"] == len(enc["token_ids"])
+
+
+MALFORMED = [
+    ("/generate", {"text": 5}), ("/generate", {"text": "a", "input_ids": [1]}),
+    ("/generate", {"text": "a", "sampling_params": {"temperature": -1}}),
+    ("/generate", {"prompt": "a", "max_tokens": "x"}), ("/generate", {"input_ids": [10 ** 9]}),
+    ("/abort_request", {"session_id": "x"}), ("/update_weights_from_disk", {}),
+    ("/update_weights", {"serialized_named_tensors": "abc", "load_format": "flattened_bucket"}),
+    ("/", {"generate_config": {"max_new_tokens": 2}}), ("/", {"prompt": 3}),
+    ("/chat/render", {"messages": "x"}), ("/v1/chat/render", {}),
+    ("/tokenizer/encode", {}), ("/set_log_level", {"log_level": "LOUD"}),
+    ("/v1/encode", {"input": 3}), ("/rtp_llm/worker_status", {"latest_cache_version": "x"}),
+    ("/v1/score", {"items": ["a"]}), ("/sleep", {"level": 7}),
+    ("/encode", {"text": "x"}), ("/v1/embeddings", {"input": "x"}), ("/pooling", {"input": "x"}),
+    ("/score", {"text_1": "a", "text_2": "b"}), ("/v1/rerank", {"query": "a", "documents": ["b"]}),
+    ("/classify", {"input": "x"}), ("/v1/classifier", {"input": ["x"]}),
+    ("/v1/embeddings/sparse", {"input": "x"}),
+]
+
+
+@pytest.mark.parametrize("path,body", MALFORMED, ids=[f"{p}-{i}" for i, (p, _) in
+                                                      enumerate(MALFORMED)])
+def test_malformed_bodies_get_4xx_json(client, path, body):
+    err = assert_json_error(client.post(path, json=body))
+    if path in ("/encode", "/v1/embeddings", "/pooling", "/score", "/v1/rerank", "/classify",
+                "/v1/classifier", "/v1/embeddings/sparse"):
+        assert "generation model" in err["message"]
+    assert_json_error(client.post(path, content=b"{not json"))
+
+
+def test_update_weights_from_disk(client, converted):
+    good, other = converted
+    before = client.post("/generate", json=GREEDY).json()["text"]
+    ok = client.post("/update_weights_from_disk", json={"model_path": str(good)})
+    assert ok.status_code == 200, ok.text
+    assert ok.json() == {"success": True, "message": "Succeeded to update model weights."}
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+    wrong = client.post("/update_weights_from_disk", json={"model_path": "/no/such-model"})
+    assert wrong.json() == {"success": False, "message": (
+        "Failed to get weights iterator: /no/such-model (repository not found).")}
+    bad = client.post("/update_weights", json={"model_path": str(other)}).json()
+    assert bad["success"] is False and set(bad) == {"success", "message"}
+    assert bad["message"].startswith("Failed to update weights: The size of tensor a")
+    assert bad["message"].endswith("\nRolling back to original weights.")
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+
+
+def test_sleep_and_wakeup(client):
+    before = client.post("/generate", json=GREEDY).json()["text"]
+    assert client.get("/is_sleeping").json() == {"is_sleeping": False}
+    assert client.post("/sleep", params={"level": 1}).status_code == 200
+    assert client.get("/is_sleeping").json() == {"is_sleeping": True}
+    assert_json_error(client.post("/generate", json=GREEDY), 503, 503)
+    assert_json_error(client.post("/v1/completions", json={"prompt": "hi"}), 503, 503)
+    assert client.post("/wakeup").status_code == 200
+    assert client.get("/is_sleeping").json() == {"is_sleeping": False}
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+
+
+def test_terminate_last(client, server):
+    assert client.get("/terminate").json() == {}
+    server.proc.wait(timeout=60)
