@@ -733,12 +733,10 @@ def _state_mismatch(old, new) -> Optional[str]:
 
     old_leaves = dict(jax.tree_util.tree_leaves_with_path(old))
     new_leaves = dict(jax.tree_util.tree_leaves_with_path(new))
-    if old_leaves.keys() != new_leaves.keys():
-        missing = sorted(map(jax.tree_util.keystr, old_leaves.keys() - new_leaves.keys()))[:3]
-        extra = sorted(map(jax.tree_util.keystr, new_leaves.keys() - old_leaves.keys()))[:3]
-        return f"parameter names differ (missing {missing}, unexpected {extra})"
     for path, a in old_leaves.items():
-        b = new_leaves[path]
+        b = new_leaves.get(path)
+        if b is None:
+            continue
         if a.shape != b.shape:
             if len(a.shape) == len(b.shape):
                 dim = next(i for i, (x, y) in enumerate(zip(a.shape, b.shape)) if x != y)
@@ -746,4 +744,8 @@ def _state_mismatch(old, new) -> Optional[str]:
                         f"b ({a.shape[dim]}) at non-singleton dimension {dim}")
             return (f"parameter {jax.tree_util.keystr(path)} has shape {tuple(b.shape)}, "
                     f"expected {tuple(a.shape)}")
+    if old_leaves.keys() != new_leaves.keys():
+        missing = sorted(map(jax.tree_util.keystr, old_leaves.keys() - new_leaves.keys()))[:3]
+        extra = sorted(map(jax.tree_util.keystr, new_leaves.keys() - old_leaves.keys()))[:3]
+        return f"parameter names differ (missing {missing}, unexpected {extra})"
     return None
