@@ -173,7 +173,9 @@ def register(app: Quart, state: ServerState) -> None:
 
     async def embeddings_route(route: str):
         req = validate(EmbeddingRequest, await body_dict())
-        model = state.check_model(req.model)
+        # RTP-LLM's routes take any `model` (its examples send "xx"); OpenAI's checks it.
+        model = state.model_name if route.startswith("/v1/embeddings/") else state.check_model(
+            req.model)
         vecs, tokens = await embed_vectors(req, route)
         return json_response({
             "id": f"embd-{random_uuid()}", "object": "list", "created": int(time.time()),
@@ -363,7 +365,7 @@ def register(app: Quart, state: ServerState) -> None:
     @app.post("/v1/embeddings/sparse")
     async def rtp_sparse():
         req = validate(EmbeddingRequest, await body_dict())
-        model = state.check_model(req.model)
+        model = state.model_name  # RTP-LLM ignores `model`
         require_task(state, "/v1/embeddings/sparse", "embed")
         items = inputs_of(req)
         eng = engine()
@@ -388,7 +390,7 @@ def register(app: Quart, state: ServerState) -> None:
     @app.post("/v1/embeddings/colbert")
     async def rtp_colbert():
         req = validate(EmbeddingRequest, await body_dict())
-        model = state.check_model(req.model)
+        model = state.model_name  # RTP-LLM ignores `model`
         require_task(state, "/v1/embeddings/colbert", "embed")
         items = inputs_of(req)
         eng = engine()
@@ -403,7 +405,7 @@ def register(app: Quart, state: ServerState) -> None:
     @app.post("/v1/embeddings/similarity")
     async def rtp_similarity():
         req = validate(SimilarityRequest, await body_dict())
-        model = state.check_model(req.model)
+        model = state.model_name  # RTP-LLM ignores `model` (its example sends "xx")
         require_task(state, "/v1/embeddings/similarity", "embed")
         left = [req.left] if isinstance(req.left, str) else list(req.left)
         right = [req.right] if isinstance(req.right, str) else list(req.right)
