@@ -19,6 +19,19 @@ from model.config import RopeScaling
 _INIT = nnx.initializers.normal(0.02)
 
 
+def _matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """``x @ w`` accumulated in float32.
+
+    With bfloat16 operands, asking XLA for a float32 result selects the fast
+    bf16 GEMM with float32 accumulation (about 1.75x float32 on these CPUs;
+    a plain bf16-output dot takes a slow path); the result is cast back.
+    """
+    if w.dtype == jnp.float32 and x.dtype == jnp.float32:
+        return x @ w
+    y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
+    return y.astype(out_dtype or x.dtype)
+
+
 class Linear(nnx.Module):
     """``y = x @ kernel (+ bias)`` with ``kernel: [in_features, out_features]``."""
 
@@ -28,7 +41,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = x @ self.kernel[...]  # [..., out_features]
+        y = _matmul(x, self.kernel[...])  # [..., out_features]
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -45,7 +58,7 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``[N, hidden] -> [N, vocab]``."""
-        return x @ self.embedding[...].T
+        return _matmul(x, self.embedding[...].T, out_dtype=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
