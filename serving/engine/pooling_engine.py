@@ -99,7 +99,15 @@ class PoolingEngine:
             import jax
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         self.config = config
-        self.loaded = load_encoder(model, dtype)
+        self.is_decoder = not _is_encoder(model)
+        if self.is_decoder:
+            if task != "embed":
+                raise ValueError(f"--task {task}: decoder models pool only as embedding "
+                                 "models (last-token pooling)")
+            from model.decoder_embed import load_decoder_embedder
+            self.loaded = load_decoder_embedder(model, dtype)
+        else:
+            self.loaded = load_encoder(model, dtype)
         if task == "embed" and self.loaded.kind != "embedding":
             logger.info("%s has a classification head; serving it as %s", model,
                         self.loaded.kind)
@@ -229,8 +237,15 @@ class PoolingEngine:
         inputs = [x for job in jobs for x in job.inputs]
         t0 = time.perf_counter()
         try:
+            if self.is_decoder and op != "embed" and inputs:
+                raise ValueError(f"{op} needs an encoder model; {self.model_path} is a decoder "
+                                 "served for embeddings (last-token pooling)")
             if not inputs:
                 results: Any = []
+            elif op == "embed" and self.is_decoder:
+                from model.decoder_embed import encode
+                results = encode(self.loaded, inputs, batch_size=self.max_batch_size,
+                                 normalize=options[0])
             elif op == "embed":
                 results = enc.encode(self.loaded, inputs, batch_size=self.max_batch_size,
                                      normalize=options[0])
@@ -267,6 +282,12 @@ def _set(fut: asyncio.Future, value, exc: Optional[BaseException]) -> None:
         fut.set_result(value)
 
 
+def _is_encoder(model: Optional[str]) -> bool:
+    hf = _hf_config(model)
+    return hf.get("model_type") in ENCODER_TYPES or bool(
+        model and os.path.isfile(os.path.join(model, "modules.json")))
+
+
 def build_engine(engine_config: Any, task: str = "auto", is_embedding: bool = False):
     """The engine ``serving.main`` serves: AsyncEngine for generation, else PoolingEngine.
 
@@ -278,11 +299,9 @@ def build_engine(engine_config: Any, task: str = "auto", is_embedding: bool = Fa
     if chosen == "generate":
         from serving.engine.engine import AsyncEngine
         return AsyncEngine(engine_config)
-    hf = _hf_config(model)
-    if hf.get("model_type") not in ENCODER_TYPES and not (
-            model and os.path.isfile(os.path.join(model, "modules.json"))):
+    if not _is_encoder(model) and chosen != "embed":
         raise ValueError(f"--task {chosen}: {model or 'the default model'} is not a BERT-family "
-                         "encoder; decoder models are served for generation only")
+                         "encoder; decoder models pool only as embedding models (--task embed)")
     logger.info("serving %s as a pooling model (task %s)", model, chosen)
     return PoolingEngine(model, chosen, engine_config.dtype,
                          max_batch_size=min(max(engine_config.max_num_seqs, 1), 64),
