@@ -117,7 +117,7 @@ class PoolingEngine:
                              f"{model} is an embedding model")
         self.task = task
         self.hf_config = _hf_config(model)
-        self.model_path = str(model)
+        self.model_path = str(model if model is not None else self.loaded.loaded.path)
         self.tokenizer = self.loaded.tokenizer
         self.model_config = self.loaded.config
         self.max_model_len = int(self.loaded.max_length)
