@@ -21,6 +21,26 @@ import jax.numpy as jnp
 
 _MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
+# A bfloat16 KV cache may be *stored* as uint16 bit patterns: XLA on CPU does
+# not scatter into a donated bf16 buffer in place (it rewrites the whole cache,
+# ~10 ms per layer for SmolLM2), while a uint16 scatter is in place. The
+# engine picks this storage on the XLA/CPU path only; values are bit-identical.
+BF16_STORAGE = jnp.uint16
+
+
+def from_storage(x: jax.Array) -> jax.Array:
+    """Cache values as numbers (uint16 storage is reinterpreted as bfloat16)."""
+    if x.dtype == BF16_STORAGE:
+        return jax.lax.bitcast_convert_type(x, jnp.bfloat16)
+    return x
+
+
+def to_storage(x: jax.Array, cache_dtype) -> jax.Array:
+    """New keys/values in the cache's storage dtype."""
+    if cache_dtype == BF16_STORAGE:
+        return jax.lax.bitcast_convert_type(x.astype(jnp.bfloat16), BF16_STORAGE)
+    return x.astype(cache_dtype)
+
 
 def ragged_paged_attention_ref(
     q: jax.Array,
@@ -68,8 +88,8 @@ def ragged_paged_attention_ref(
     qs = qs.reshape(num_seqs, max_q_len, num_kv_heads, group, head_dim)
     q_pos = seq_lens[:, None] - q_lens[:, None] + offs[None, :]  # [S, Qm]
 
-    k = k_cache[layer][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim)
-    v = v_cache[layer][block_tables].reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    k = from_storage(k_cache[layer][block_tables]).reshape(num_seqs, ctx, num_kv_heads, head_dim)
+    v = from_storage(v_cache[layer][block_tables]).reshape(num_seqs, ctx, num_kv_heads, head_dim)
 
     scores = jnp.einsum(
         "sqhgd,skhd->shgqk", qs.astype(jnp.float32), k.astype(jnp.float32)
@@ -117,6 +137,6 @@ def write_kv_ref(
     page_size = k_cache.shape[2]
     page = slot_mapping // page_size
     off = slot_mapping % page_size
-    k_cache = k_cache.at[layer, page, off].set(k_new.astype(k_cache.dtype))
-    v_cache = v_cache.at[layer, page, off].set(v_new.astype(v_cache.dtype))
+    k_cache = k_cache.at[layer, page, off].set(to_storage(k_new, k_cache.dtype))
+    v_cache = v_cache.at[layer, page, off].set(to_storage(v_new, v_cache.dtype))
     return k_cache, v_cache

@@ -200,10 +200,16 @@ class LLMEngine:
         self.plan = BucketPlan.build(cfg.max_num_seqs, cfg.max_num_batched_tokens,
                                      self.max_model_len, self.page_size,
                                      cfg.decode_buckets, cfg.prefill_buckets)
+        from pallas_kernels.dispatch import resolve_backend
+        from pallas_kernels.reference import BF16_STORAGE
+
+        kv_dtype = jnp.dtype(self.dtype)
+        if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) == "xla":
+            kv_dtype = jnp.dtype(BF16_STORAGE)  # in-place scatter on CPU (reference.py)
         self.runner = ModelRunner(
             self.loaded.graphdef, self.loaded.state, self.model_config,
             num_pages=self.num_pages, page_size=self.page_size, plan=self.plan,
-            kv_dtype=jnp.dtype(self.dtype), attention_backend=cfg.attention_backend,
+            kv_dtype=kv_dtype, attention_backend=cfg.attention_backend,
             kv_sharding=self.layout.kv_sharding(), mesh=self.layout.mesh)
 
     # ---- requests -------------------------------------------------------------

@@ -199,3 +199,16 @@ def test_preemption_keeps_outputs_exact(model_dir, engine):
     for i, p in enumerate(PROMPTS[:4]):
         assert outs[f"q{i}"].outputs[0].token_ids == greedy_generate(
             engine.loaded, p, 30, eos_token_ids=()), i
+
+
+def test_bfloat16_engine_stores_kv_as_bits_and_matches_reference(model_dir):
+    import jax.numpy as jnp
+
+    from model.loader import load_model
+    bf = _engine(model_dir, dtype="bfloat16")
+    assert bf.runner.kv.k.dtype == jnp.uint16  # in-place scatter on the XLA/CPU path
+    outs = run(bf, {f"b{i}": (p, greedy(8)) for i, p in enumerate(PROMPTS[:3])})
+    ref_model = load_model(model_dir, "bfloat16")
+    for i, p in enumerate(PROMPTS[:3]):
+        assert outs[f"b{i}"].outputs[0].token_ids == greedy_generate(
+            ref_model, p, 8, eos_token_ids=()), i
