@@ -59,7 +59,9 @@ class BucketPlan:
             decode_seqs=tuple(sorted(decode)) or powers_of_two(1, max_num_seqs),
             prefill_tokens=tuple(sorted(prefill)) or powers_of_two(
                 16, min(max_num_batched_tokens, max_model_len)),
-            ctx_pages=spaced_down(pow2_pages, 4, min(4, pow2_pages)),
+            # Decode attention on the XLA path costs in proportion to the
+            # bucketed context, so contexts step by 2x (at most 2x padding).
+            ctx_pages=spaced_down(pow2_pages, 2, min(4, pow2_pages)),
             page_size=page_size,
         )
 
