@@ -28,14 +28,16 @@ def _matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
     """
     if w.dtype == jnp.float32 and x.dtype == jnp.float32:
         return x @ w
+    out_dtype = out_dtype or x.dtype
+    x = x.astype(w.dtype)  # bf16 weights under f32 activations: a bf16 GEMM
     if math.prod(x.shape[:-1]) == 1:
         # A one-row bf16 product takes XLA CPU's slow GEMV path (~15x slower
         # than two rows for SmolLM2's lm_head); compute two rows, keep one.
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
         y = jnp.matmul(x2, w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype or x.dtype)
+        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype)
     y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype or x.dtype)
+    return y.astype(out_dtype)
 
 
 class Linear(nnx.Module):

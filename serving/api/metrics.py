@@ -68,6 +68,10 @@ class _EngineStatsCollector:
                       s.get("generation_tokens_total", 0))
         yield counter("vllm:num_preemptions", "Cumulative number of preemptions.",
                       s.get("num_preemptions_total", 0))
+        yield counter("vllm:prefix_cache_queries", "Prompt tokens looked up in the prefix cache.",
+                      s.get("prefix_cache_queries_total", 0))
+        yield counter("vllm:prefix_cache_hits", "Prompt tokens served by the prefix cache.",
+                      s.get("prefix_cache_hits_total", 0))
 
 
 class ServerMetrics:

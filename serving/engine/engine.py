@@ -318,6 +318,8 @@ class LLMEngine:
             if st.metrics.first_scheduled_time is None:
                 st.metrics.first_scheduled_time = time.time()
                 st.metrics.num_cached_tokens = sch.seq.num_cached_tokens
+                self.counters["prefix_cache_queries"] += sch.seq.num_prompt_tokens
+                self.counters["prefix_cache_hits"] += sch.seq.num_cached_tokens
             r = results.get(sch.seq.seq_id)
             if r is not None and r.prompt_lp is not None and sch.seq.index == 0:
                 self._add_prompt_logprobs(st, r.prompt_lp, sch.start)
@@ -453,6 +455,10 @@ class LLMEngine:
             "generation_tokens_total": c["generation_tokens"],
             "num_preemptions_total": c["preemptions"],
             "num_steps_total": c["steps"],
+            "prefix_cache_queries_total": c["prefix_cache_queries"],
+            "prefix_cache_hits_total": c["prefix_cache_hits"],
+            "prefix_cache_hit_rate": (c["prefix_cache_hits"] / c["prefix_cache_queries"]
+                                      if c["prefix_cache_queries"] else 0.0),
             "last_step_seconds": self.last_step_seconds,
             "requests_finished": {k[len("requests_"):]: v for k, v in c.items()
                                   if k.startswith("requests_")},

@@ -171,6 +171,8 @@ def test_prefix_cache_reuses_pages_without_changing_output(engine):
     first = run(engine, {"p1": (prompt, greedy(8))})["p1"]
     second = run(engine, {"p2": (prompt, greedy(8))})["p2"]
     assert second.metrics.num_cached_tokens >= 40
+    stats = engine.stats()
+    assert stats["prefix_cache_hits_total"] >= 40 and 0 < stats["prefix_cache_hit_rate"] < 1
     assert second.outputs[0].token_ids == first.outputs[0].token_ids
 
 
