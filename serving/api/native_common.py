@@ -13,10 +13,10 @@ import logging
 from typing import Any, Optional, TypeVar
 
 import pydantic
-from quart import Quart, Response, request
+from quart import Quart, Response
 
 from serving.api.errors import APIError
-from serving.api.state import ServerState, validation_error
+from serving.api.state import ServerState, body_dict, validation_error  # noqa: F401
 
 logger = logging.getLogger(__name__)
 
@@ -55,29 +55,6 @@ def native_state(app: Quart) -> NativeState:
 
 def json_response(obj: Any, status: int = 200) -> Response:
     return Response(json.dumps(obj), status=status, content_type="application/json")
-
-
-async def body_dict(optional: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object.
-
-    Args:
-        optional: an empty body reads as ``{}`` instead of a 400.
-
-    Raises:
-        APIError: 400 for malformed JSON or a non-object.
-    """
-    raw = await request.get_data(as_text=False)
-    if not raw or not raw.strip():
-        if optional:
-            return {}
-        raise APIError("The request body is empty; expected a JSON object.", 400)
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"The request body is not valid JSON: {exc}", 400) from None
-    if not isinstance(obj, dict):
-        raise APIError(f"The request body must be a JSON object, got {type(obj).__name__}.", 400)
-    return obj
 
 
 def validate(model_cls: type[T], obj: dict[str, Any]) -> T:

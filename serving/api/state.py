@@ -82,15 +82,19 @@ class ServerState:
             self.tokenizer, "chat_template", None)
 
 
-async def parse_body(model_cls: type[T]) -> T:
-    """Reads the request body as JSON and validates it into ``model_cls``.
+async def body_dict(optional: bool = False) -> dict[str, Any]:
+    """The request body as a JSON object.
+
+    Args:
+        optional: an empty body reads as ``{}`` instead of a 400.
 
     Raises:
-        APIError: 400 for an empty or malformed body, a non-object, or a field
-            with the wrong type or out of range (``param`` names the field).
+        APIError: 400 for an empty (unless optional) or malformed body, or a non-object.
     """
     raw = await request.get_data(as_text=False)
     if not raw or not raw.strip():
+        if optional:
+            return {}
         raise APIError("The request body is empty; expected a JSON object.", 400)
     try:
         obj = json.loads(raw)
@@ -98,6 +102,17 @@ async def parse_body(model_cls: type[T]) -> T:
         raise APIError(f"The request body is not valid JSON: {exc}", 400) from None
     if not isinstance(obj, dict):
         raise APIError(f"The request body must be a JSON object, got {type(obj).__name__}.", 400)
+    return obj
+
+
+async def parse_body(model_cls: type[T]) -> T:
+    """Reads the request body as JSON and validates it into ``model_cls``.
+
+    Raises:
+        APIError: 400 for an empty or malformed body, a non-object, or a field
+            with the wrong type or out of range (``param`` names the field).
+    """
+    obj = await body_dict()
     try:
         return model_cls.model_validate(obj)
     except pydantic.ValidationError as exc:

@@ -61,8 +61,11 @@ class Server:
 
 
 @contextlib.contextmanager
-def launch(kind: str, extra_args: list[str] = ()):
-    """Starts a server of ``kind`` ("real" or "fake"), waits for /health, kills it at exit."""
+def launch(kind: str, extra_args: list[str] = (), base_args: list[str] = TINY_ARGS):
+    """Starts a server of ``kind`` ("real" or "fake"), waits for /health, kills it at exit.
+
+    ``base_args`` (default ``TINY_ARGS``) come before ``extra_args``.
+    """
     if kind == "real" and not REAL_ENGINE:
         pytest.skip("serving/engine/engine.py has not landed yet")
     if kind == "real" and os.environ.get("JAX_SERVE_TEST_URL") and not extra_args:
@@ -70,7 +73,7 @@ def launch(kind: str, extra_args: list[str] = ()):
         yield Server(kind, os.environ["JAX_SERVE_TEST_URL"], None, os.devnull)
         return
     port = free_port()
-    args = ["--port", str(port), "--host", "127.0.0.1", *TINY_ARGS, *extra_args]
+    args = ["--port", str(port), "--host", "127.0.0.1", *base_args, *extra_args]
     module = "serving.main" if kind == "real" else "tests.server.fake_server"
     log = tempfile.NamedTemporaryFile("w", prefix=f"jax-serve-{kind}-", suffix=".log",
                                       delete=False)
