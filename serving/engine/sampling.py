@@ -103,7 +103,7 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
     """
     logits = jnp.asarray(logits, jnp.float32)
     num_rows, vocab = logits.shape
-    raw_logprobs = jax.nn.log_softmax(logits, axis=-1)
+    lse = jax.nn.logsumexp(logits, axis=-1)  # [S]
     rows = jnp.arange(num_rows)[:, None]
     x = logits
     if st.do_penalties:
@@ -128,11 +128,13 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
     sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
     tokens = jnp.where(st.temperature <= 0.0, greedy, sampled)
 
-    tok_lp = jnp.take_along_axis(raw_logprobs, tokens[:, None], axis=-1)[:, 0]
-    ranks = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
-    if st.num_logprobs > 0:
+    tok_lp = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
+    if st.num_logprobs > 0:  # ranks and alternatives only when someone asks
+        raw_logprobs = logits - lse[:, None]
+        ranks = jnp.sum(raw_logprobs > tok_lp[:, None], axis=-1).astype(jnp.int32) + 1
         top_lp, top_ids = jax.lax.top_k(raw_logprobs, st.num_logprobs)
     else:
+        ranks = jnp.ones((num_rows,), jnp.int32)
         top_lp = jnp.zeros((num_rows, 0), jnp.float32)
         top_ids = jnp.zeros((num_rows, 0), jnp.int32)
     return SampleResult(tokens, tok_lp, ranks, top_ids.astype(jnp.int32), top_lp)
