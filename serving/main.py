@@ -181,7 +181,7 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig,
     from hypercorn.config import Config as HypercornConfig
 
     from serving.api.app import create_app
-    from serving.engine.engine import AsyncEngine
+    from serving.engine.async_engine import AsyncEngine
 
     native = native or {}
     if native.get("task", "auto") == "auto" and not native.get("is_embedding"):

@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 def _engine_errors():
     try:
-        from serving.engine.engine import EngineNotReadyError, EngineOverloadedError
+        from serving.engine.types import EngineNotReadyError, EngineOverloadedError
         return EngineOverloadedError, EngineNotReadyError
     except ImportError:  # the engine module has not landed yet
         return (), ()

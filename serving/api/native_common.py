@@ -108,7 +108,7 @@ def engine_config_dict(state: ServerState) -> dict[str, Any]:
 def engine_errors():
     """(EngineNotReadyError, EngineOverloadedError) or empty tuples."""
     try:
-        from serving.engine.engine import EngineNotReadyError, EngineOverloadedError
+        from serving.engine.types import EngineNotReadyError, EngineOverloadedError
         return EngineNotReadyError, EngineOverloadedError
     except ImportError:
         return (), ()

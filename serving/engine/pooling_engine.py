@@ -171,7 +171,7 @@ class PoolingEngine:
     # ---- requests ----------------------------------------------------------------
     async def _submit(self, op: str, inputs: list, options: tuple = ()):
         if not self._ready:
-            from serving.engine.engine import EngineNotReadyError
+            from serving.engine.types import EngineNotReadyError
             raise EngineNotReadyError("the pooling engine is not running")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
@@ -297,7 +297,7 @@ def build_engine(engine_config: Any, task: str = "auto", is_embedding: bool = Fa
     model = engine_config.model
     chosen = detect_task(model, task, is_embedding)
     if chosen == "generate":
-        from serving.engine.engine import AsyncEngine
+        from serving.engine.async_engine import AsyncEngine
         return AsyncEngine(engine_config)
     if not _is_encoder(model) and chosen != "embed":
         raise ValueError(f"--task {chosen}: {model or 'the default model'} is not a BERT-family "

@@ -189,3 +189,11 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
+
+
+class EngineOverloadedError(RuntimeError):
+    """Too many waiting requests (the HTTP layer answers 503)."""
+
+
+class EngineNotReadyError(RuntimeError):
+    """The engine is starting, sleeping or shut down (503)."""

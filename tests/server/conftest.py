@@ -2,8 +2,7 @@
 
 Two back ends:
 - ``real``: ``python -m serving.main`` with the real engine and the embedded
-  default model, tiny settings (32 seqs, 512 context, few buckets). Marked slow;
-  skipped (with the reason) while ``serving/engine/engine.py`` does not exist.
+  default model, tiny settings (32 seqs, 512 context, few buckets). Marked slow.
 - ``fake``: ``tests/server/fake_server.py``, the same app over FakeEngine, to
   check the HTTP layer alone in seconds.
 """
@@ -24,7 +23,6 @@ import httpx
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-REAL_ENGINE = (ROOT / "serving" / "engine" / "engine.py").exists()
 TINY_ARGS = ["--max-num-seqs", "32", "--max-model-len", "512", "--max-num-batched-tokens", "256",
              "--decode-buckets", "8,32", "--prefill-buckets", "64,256", "--num-gpu-blocks-override",
              "512", "--disable-log-requests", "--log-level", "warning"]
@@ -66,8 +64,6 @@ def launch(kind: str, extra_args: list[str] = (), base_args: list[str] = TINY_AR
 
     ``base_args`` (default ``TINY_ARGS``) come before ``extra_args``.
     """
-    if kind == "real" and not REAL_ENGINE:
-        pytest.skip("serving/engine/engine.py has not landed yet")
     if kind == "real" and os.environ.get("JAX_SERVE_TEST_URL") and not extra_args:
         # development aid: reuse a server started by hand with TINY_ARGS
         yield Server(kind, os.environ["JAX_SERVE_TEST_URL"], None, os.devnull)

@@ -45,7 +45,7 @@ async def generate(engine, prompts) -> list[list[int]]:
 
 
 async def main(model, tp: int, dp: int) -> dict:
-    from serving.engine.engine import AsyncEngine
+    from serving.engine.async_engine import AsyncEngine
     from sharding.memory import max_bytes_per_device
 
     engine = AsyncEngine(engine_config(model, tp, dp))
