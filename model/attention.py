@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import dataclasses
 from functools import partial
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh
 
 
 @partial(jax.tree_util.register_dataclass,
          data_fields=["block_tables", "seq_lens", "query_start_loc", "slot_mapping"],
-         meta_fields=["max_q_len", "attention_backend"])
+         meta_fields=["max_q_len", "attention_backend", "mesh"])
 @dataclasses.dataclass(frozen=True)
 class AttentionMetadata:
     """Describes one ragged batch for the paged-attention kernels.
@@ -28,6 +30,11 @@ class AttentionMetadata:
     slot_mapping: jax.Array  # [num_tokens] int32 flat cache slot per token (0 = scratch)
     max_q_len: int = 1  # static: bound on any sequence's query length this step
     attention_backend: str = "auto"  # static: "auto" | "xla" | Pallas backends
+    # static: the replica's tensor-parallel mesh; attention then runs per shard under
+    # shard_map (sharding/attention.py). Set inside the jitted step by
+    # sharding.step.jit_step, so host-built metadata (and what multi-host followers
+    # receive) never carries devices.
+    mesh: Optional[Mesh] = None
 
 
 @partial(jax.tree_util.register_dataclass, data_fields=["k", "v"], meta_fields=[])

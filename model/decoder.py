@@ -22,6 +22,7 @@ from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
 from model.layers import MLP, Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq
 from pallas_kernels.dispatch import ragged_paged_attention, write_kv
+from sharding.attention import tensor_parallel_attention
 
 
 class Attention(nnx.Module):
@@ -61,12 +62,21 @@ class Attention(nnx.Module):
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
 
-        k_cache, v_cache = write_kv(kv_cache.k, kv_cache.v, self.layer, k, v, md.slot_mapping,
-                                    backend=md.attention_backend)
-        out = ragged_paged_attention(
-            q, k_cache, v_cache, self.layer, md.block_tables, md.seq_lens, md.query_start_loc,
-            max_q_len=md.max_q_len, sm_scale=self.sm_scale, sliding_window=self.sliding_window,
-            soft_cap=self.soft_cap, backend=md.attention_backend)  # [T, Hq, D]
+        def attend(q, k, v, k_cache, v_cache, block_tables, seq_lens, qsl, slots):
+            # Per shard under tensor parallelism: q/k/v/caches hold this device's heads.
+            k_cache, v_cache = write_kv(k_cache, v_cache, self.layer, k, v, slots,
+                                        backend=md.attention_backend)
+            out = ragged_paged_attention(
+                q, k_cache, v_cache, self.layer, block_tables, seq_lens, qsl,
+                max_q_len=md.max_q_len, sm_scale=self.sm_scale,
+                sliding_window=self.sliding_window, soft_cap=self.soft_cap,
+                backend=md.attention_backend)  # [T, Hq(/tp), D]
+            return out, k_cache, v_cache
+
+        attend = tensor_parallel_attention(attend, md.mesh, num_heads=self.num_heads,
+                                           num_kv_heads=self.num_kv_heads, num_replicated=4)
+        out, k_cache, v_cache = attend(q, k, v, kv_cache.k, kv_cache.v, md.block_tables,
+                                       md.seq_lens, md.query_start_loc, md.slot_mapping)
         out = self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
         return out, KVCache(k_cache, v_cache)
 

@@ -71,9 +71,8 @@ class ShardingPlan:
     def build(cls, config, tp: int) -> "ShardingPlan":
         """Decides from a ``ModelConfig``'s shapes (see the module docstring)."""
         on = tp > 1
-        attention = on and config.num_heads % tp == 0
-        return cls(tp=tp, attention=attention,
-                   kv_heads=attention and config.num_kv_heads % tp == 0,
+        return cls(tp=tp, attention=on and config.num_heads % tp == 0,
+                   kv_heads=heads_split(config.num_heads, config.num_kv_heads, tp),
                    mlp=on and config.intermediate_size % tp == 0,
                    vocab=on and config.vocab_size % tp == 0)
 
@@ -81,6 +80,15 @@ class ShardingPlan:
         parts = [f"{name}={'sharded' if getattr(self, name) else 'replicated'}"
                  for name in ("attention", "kv_heads", "mlp", "vocab")]
         return f"tp={self.tp}: " + ", ".join(parts)
+
+
+def heads_split(num_heads: int, num_kv_heads: int, tp: int) -> bool:
+    """Whether attention runs head-split over ``tp`` devices (q and KV heads both divide).
+
+    Otherwise the KV cache is replicated and attention runs replicated on every
+    device (``sharding/attention.py``).
+    """
+    return tp > 1 and num_heads % tp == 0 and num_kv_heads % tp == 0
 
 
 _COLUMN = P(None, TENSOR)

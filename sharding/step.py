@@ -5,11 +5,15 @@ The step functions take ``(state, kv_cache, *host_inputs)`` and return
 loaded with, the KV cache keeps its own (and stays donated, so it updates in
 place shard by shard), and every host input and output (token ids, attention
 metadata, sampling tensors, sampled tokens) is replicated: each device — and
-each process in a multi-host run — sees the whole batch.
+each process in a multi-host run — sees the whole batch. The step also stamps
+the mesh on its ``AttentionMetadata`` so attention runs per shard under
+``shard_map`` (``sharding/attention.py``).
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 from typing import Callable, Optional
 
 import jax
@@ -37,11 +41,28 @@ def jit_step(fn: Callable, mesh: Optional[Mesh], state, kv_sharding, *, num_host
     """
     if mesh is None:
         return jax.jit(fn, donate_argnums=donate_argnums, static_argnames=static_argnames)
+    fn = _with_mesh(fn, mesh)
     rep = replicated(mesh)
     state_sh = jax.tree.map(lambda a: a.sharding, state)
     return jax.jit(fn, in_shardings=(state_sh, kv_sharding) + (rep,) * num_host_inputs,
                    out_shardings=(rep,) * num_host_outputs + (kv_sharding,),
                    donate_argnums=donate_argnums, static_argnames=static_argnames)
+
+
+def _with_mesh(fn: Callable, mesh: Mesh) -> Callable:
+    """``fn`` with ``mesh`` set on every ``AttentionMetadata`` host input, at trace time.
+
+    The runner builds metadata without devices (multi-host followers receive it
+    pickled); the attention layers read ``md.mesh`` to run under ``shard_map``.
+    """
+    from model.attention import AttentionMetadata
+
+    @functools.wraps(fn)
+    def step(state, kv, *host_inputs, **kwargs):
+        host_inputs = tuple(dataclasses.replace(a, mesh=mesh)
+                            if isinstance(a, AttentionMetadata) else a for a in host_inputs)
+        return fn(state, kv, *host_inputs, **kwargs)
+    return step
 
 
 def zeros_sharded(make: Callable, sharding):
