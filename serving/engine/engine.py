@@ -30,6 +30,7 @@ from typing import Optional
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
+from serving.engine.guided import GuideCompiler, GuideMatcher
 from serving.engine.scheduler import Scheduler, SchedulerConfig
 from serving.engine.sequence import Sequence, SequenceGroup
 from serving.engine.types import (CompletionOutput, FinishReason, Logprob, RequestMetrics,
@@ -47,6 +48,7 @@ class _SeqState:
     detok: IncrementalDetokenizer
     out: CompletionOutput
     full_text: str = ""
+    guide: Optional[GuideMatcher] = None  # grammar state for guided decoding
 
 
 class _RequestState:
@@ -128,6 +130,7 @@ class LLMEngine:
         if getattr(self.tokenizer, "eos_token_id", None) is not None:
             self.eos_ids.add(int(self.tokenizer.eos_token_id))
         self.vocab_size = mc.vocab_size
+        self.guides = GuideCompiler(self.tokenizer, self.eos_ids)  # llguidance, built lazily
         self._build_core()
         self._build_runner()
         self._inbox: collections.deque = collections.deque()
@@ -140,15 +143,16 @@ class LLMEngine:
     # ---- construction -------------------------------------------------------
     def _plan_num_pages(self) -> int:
         import jax
-        import numpy as np
+
+        from sharding.memory import kv_page_bytes_per_device
 
         cfg, mc = self.config, self.model_config
         pages_per_seq = -(-self.max_model_len // self.page_size)
         if cfg.num_pages is not None:
             pages = cfg.num_pages
         else:
-            itemsize = np.dtype(self.dtype if self.dtype != "bfloat16" else np.float16).itemsize
-            per_page = 2 * mc.num_layers * self.page_size * mc.num_kv_heads * mc.head_dim * itemsize
+            # per device: the cache's KV-head axis may be split over the tensor axis
+            per_page = kv_page_bytes_per_device(mc, self.page_size, self.dtype, self.layout.plan)
             if cfg.kv_cache_memory_bytes is not None:
                 budget = cfg.kv_cache_memory_bytes
             else:
@@ -160,8 +164,8 @@ class LLMEngine:
                     budget = int(CPU_KV_CACHE_BYTES * cfg.gpu_memory_utilization)
             pages = budget // per_page
             pages = min(pages, cfg.max_num_seqs * pages_per_seq + 1)
-            logger.info("KV cache: %d pages of %d tokens (%.1f MiB)", pages, self.page_size,
-                        pages * per_page / 2**20)
+            logger.info("KV cache: %d pages of %d tokens (%.1f MiB per device)", pages,
+                        self.page_size, pages * per_page / 2**20)
         if pages < pages_per_seq + 1:
             raise ValueError(f"KV cache of {pages} pages cannot hold one sequence of "
                              f"max_model_len={self.max_model_len} ({pages_per_seq} pages of "
@@ -212,6 +216,8 @@ class LLMEngine:
             raise ValidationError("prompt", f"Token ids {bad[:5]} are out of vocabulary "
                                             f"(vocab size {self.vocab_size}).")
         params.validate_vocab(self.vocab_size)
+        if params.guide is not None:
+            self.guides.check(params.guide)
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - n
@@ -248,6 +254,9 @@ class LLMEngine:
                 state = _RequestState(request_id, group, params, self.tokenizer,
                                       self._rng.getrandbits(31))
                 self._requests[request_id] = state
+                if params.guide is not None:  # one grammar matcher per sequence
+                    for s in state.seqs.values():
+                        s.guide = self.guides.matcher(params.guide)
                 self.scheduler.add(group)
             else:
                 state = self._requests.get(request_id)
@@ -351,11 +360,13 @@ class LLMEngine:
             plp = p.prompt_logprobs
             stop = min(sch.end, seq.num_prompt_tokens - 1)
             next_ids = seq.all_token_ids[sch.start + 1:stop + 1]
+        guide = st.seqs[seq.seq_id].guide  # needs the previous token consumed (needs_sync)
+        mask = guide.next_mask() if guide is not None and sch.samples else None
         return StepItem(seq_id=seq.seq_id, token_ids=toks, start_pos=sch.start,
                         block_table=seq.block_table, sample=sch.samples, params=p,
                         seed=st.seqs[seq.seq_id].seed, output_token_ids=seq.output_token_ids,
                         prompt_token_ids=seq.prompt_token_ids, banned_ids=banned,
-                        prompt_logprobs=plp, next_token_ids=next_ids)
+                        prompt_logprobs=plp, next_token_ids=next_ids, token_bitmask=mask)
 
     def _decode_one(self, token_id: int) -> str:
         return self.tokenizer.decode([int(token_id)])
@@ -400,6 +411,7 @@ class LLMEngine:
             out.stop_reason = token
             out.text = ss.full_text
             return FinishReason.STOP
+        guide_done = ss.guide is not None and ss.guide.advance(token)
         delta = ss.detok.add(token)
         ss.full_text += delta
         if can_stop and p.stop:
@@ -410,6 +422,9 @@ class LLMEngine:
                                             else idx]
                 out.text, out.stop_reason = ss.full_text, stop
                 return FinishReason.STOP
+        if guide_done:  # the grammar is complete: nothing but EOS could follow
+            out.text = ss.full_text
+            return FinishReason.STOP
         if num_out >= p.max_tokens or seq.num_tokens >= self.max_model_len:
             out.text = ss.full_text
             return FinishReason.LENGTH

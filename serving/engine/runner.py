@@ -21,6 +21,7 @@ import numpy as np
 from model import api as model_api
 from model.attention import AttentionMetadata, KVCache
 from serving.engine.buckets import BucketPlan, round_up
+from serving.engine.guided import bitmask_table
 from serving.engine.sampling import SampleResult, SamplingTensors, prompt_logprobs, sample
 from serving.engine.types import SamplingParams
 from sharding.step import jit_step, zeros_sharded
@@ -50,6 +51,7 @@ class StepItem:
     banned_ids: Sequence[int] = ()  # e.g. EOS while below min_tokens
     prompt_logprobs: Optional[int] = None  # compute logprobs of these prompt tokens
     next_token_ids: Sequence[int] = ()  # token after each position (prompt logprobs)
+    token_bitmask: Optional[np.ndarray] = None  # [ceil(V/32)] i32 guided-decoding mask
 
 
 @dataclasses.dataclass
@@ -229,7 +231,7 @@ class ModelRunner:
         freq = np.zeros((num_seqs,), np.float32)
         pres = np.zeros((num_seqs,), np.float32)
         has_allowed = np.zeros((num_seqs,), bool)
-        biases, alloweds, outs, prompts = [], [], [], []
+        biases, alloweds, outs, prompts, masks = [], [], [], [], []
         do_top = do_pen = False
         num_lp = 0
         for i, it in enumerate(items):
@@ -257,6 +259,8 @@ class ModelRunner:
             if p.allowed_token_ids is not None:
                 has_allowed[i] = True
                 alloweds.append((i, p.allowed_token_ids))
+            if it.token_bitmask is not None:
+                masks.append((i, it.token_bitmask))
             if p.logprobs is not None:
                 num_lp = LOGPROB_WIDTH
 
@@ -278,7 +282,8 @@ class ModelRunner:
             rep_pen=rep, freq_pen=freq, pres_pen=pres,
             out_tokens=table(outs, list), prompt_tokens=table(prompts, list),
             do_top=do_top, do_penalties=do_pen, do_bias=bool(biases),
-            do_allowed=bool(alloweds), num_logprobs=num_lp)
+            do_allowed=bool(alloweds), num_logprobs=num_lp,
+            token_bitmask=bitmask_table(masks, num_seqs, vocab), do_mask=bool(masks))
 
     def _collect(self, items: list[StepItem], out) -> dict[int, ItemResult]:
         result, plp = out
@@ -308,7 +313,7 @@ def _default_sampling(num_seqs: int, vocab: int) -> SamplingTensors:
         seeds=np.zeros((num_seqs,), np.uint32), steps=np.zeros((num_seqs,), np.int32),
         bias_ids=ids, bias_vals=np.zeros((num_seqs, 1), np.float32), allowed_ids=ids,
         has_allowed=np.zeros((num_seqs,), bool), rep_pen=z + 1, freq_pen=z, pres_pen=z,
-        out_tokens=ids, prompt_tokens=ids)
+        out_tokens=ids, prompt_tokens=ids, token_bitmask=bitmask_table([], num_seqs, vocab))
 
 
 def _run_step(graphdef, state, kv, input_ids, positions, md, logits_idx, st):

@@ -20,8 +20,10 @@ _NEG = -1e30
 @partial(jax.tree_util.register_dataclass,
          data_fields=["temperature", "top_k", "top_p", "min_p", "seeds", "steps",
                       "bias_ids", "bias_vals", "allowed_ids", "has_allowed",
-                      "rep_pen", "freq_pen", "pres_pen", "out_tokens", "prompt_tokens"],
-         meta_fields=["do_top", "do_penalties", "do_bias", "do_allowed", "num_logprobs"])
+                      "rep_pen", "freq_pen", "pres_pen", "out_tokens", "prompt_tokens",
+                      "token_bitmask"],
+         meta_fields=["do_top", "do_penalties", "do_bias", "do_allowed", "do_mask",
+                      "num_logprobs"])
 @dataclasses.dataclass(frozen=True)
 class SamplingTensors:
     """Per-row sampling settings for one step; ``S`` is the padded batch."""
@@ -41,10 +43,14 @@ class SamplingTensors:
     pres_pen: jax.Array  # [S] f32
     out_tokens: jax.Array  # [S, W] i32 generated tokens so far (pad = vocab)
     prompt_tokens: jax.Array  # [S, Wp] i32 prompt tokens (pad = vocab)
+    # [S, ceil(V/32)] i32 packed allowed-token bits (guided decoding; all ones = no
+    # constraint); [S, 1] placeholder when do_mask is off
+    token_bitmask: jax.Array = None
     do_top: bool = False  # static: any row uses top-k/top-p/min-p
     do_penalties: bool = False  # static: any row uses a penalty
     do_bias: bool = False  # static: any row has bias entries
     do_allowed: bool = False  # static: any row has a whitelist
+    do_mask: bool = False  # static: any row has a guided-decoding bitmask
     num_logprobs: int = 0  # static: top-k alternatives to return (0 = none)
 
 
@@ -91,6 +97,24 @@ def _top_filter(scaled: jax.Array, st: SamplingTensors) -> jax.Array:
     return jnp.where(scaled < threshold, _NEG, scaled)
 
 
+def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
+    """Packed bits -> booleans.
+
+    Args:
+      bitmask: [S, W] int32; bit ``t % 32`` of word ``t // 32`` is token ``t``.
+      vocab: V, the logits width; tokens past ``32 * W`` are disallowed.
+
+    Returns:
+      [S, V] bool, True where the token is allowed.
+    """
+    num_rows, words = bitmask.shape
+    shifts = jnp.arange(32, dtype=jnp.int32)
+    bits = ((bitmask[:, :, None] >> shifts) & 1).astype(bool).reshape(num_rows, words * 32)
+    if words * 32 >= vocab:
+        return bits[:, :vocab]
+    return jnp.pad(bits, ((0, 0), (0, vocab - words * 32)))
+
+
 def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
     """Samples one token per row.
 
@@ -114,6 +138,8 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
         allowed = jnp.zeros((num_rows, vocab), bool).at[rows, st.allowed_ids].set(
             True, mode="drop")
         x = jnp.where(st.has_allowed[:, None] & ~allowed, _NEG, x)
+    if st.do_mask:
+        x = jnp.where(unpack_bitmask(st.token_bitmask, vocab), x, _NEG)
     greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
 
     scaled = x / jnp.maximum(st.temperature, 1e-6)[:, None]

@@ -17,6 +17,28 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # failed inside the engine; only this request ends
 
 
+@dataclasses.dataclass(frozen=True)
+class GuideSpec:
+    """A structured-output constraint (guided decoding), compiled by ``engine.guided``.
+
+    Attributes:
+        kind: ``"json"`` (a JSON schema), ``"regex"``, ``"choice"`` (a JSON
+            list of strings) or ``"grammar"`` (Lark or GBNF/EBNF).
+        spec: the schema, pattern, choice list or grammar, as a string.
+        param: the request parameter it came from, named in 400 errors
+            (``guided_json``, ``response_format``, ``sampling_params.regex``...).
+        whitespace_pattern: for ``"json"``: a regex for the whitespace between
+            tokens (vLLM's ``guided_whitespace_pattern``); None: compact JSON.
+    """
+
+    kind: str
+    spec: str
+    param: str = "guided_decoding"
+    whitespace_pattern: Optional[str] = None
+
+    KINDS = ("json", "regex", "choice", "grammar")
+
+
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request sampling settings, named as vLLM names them.
@@ -48,6 +70,7 @@ class SamplingParams:
     allowed_token_ids: Optional[list[int]] = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
+    guide: Optional[GuideSpec] = None  # structured output (guided decoding)
 
     MAX_LOGPROBS = 20
 
@@ -97,6 +120,18 @@ class SamplingParams:
         if self.allowed_token_ids is not None:
             _check(len(self.allowed_token_ids) > 0, "allowed_token_ids",
                    "allowed_token_ids must not be empty")
+        if self.guide is not None:
+            from serving.engine.guided import check_guide  # llguidance only when used
+            check_guide(self.guide)
+
+    def needs_sync(self) -> bool:
+        """Whether each step's sampling needs the previous step's token on the host.
+
+        True for guided decoding: the token mask of step N+1 comes from the
+        grammar state after step N's token, so an overlapped (async) scheduler
+        must not build step N+1 before step N's tokens are back.
+        """
+        return self.guide is not None
 
     @property
     def greedy(self) -> bool:
