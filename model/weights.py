@@ -129,6 +129,57 @@ def pure_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
     return pure
 
 
+class UnknownWeightError(KeyError):
+    """A tensor name that no parameter of the model config answers to."""
+
+    def __init__(self, names: list[str]):
+        self.names = names
+        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
+        super().__init__(f"unknown parameter name(s) for this model: {shown}")
+
+    def __str__(self):
+        return self.args[0]
+
+
+# names a checkpoint may carry that no parameter needs (vLLM/LMDeploy skip them too)
+_SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb.sin_cached")
+
+
+def paths_from_hf_update(config: ModelConfig, tensors: Mapping[str, np.ndarray]
+                         ) -> dict[Path, np.ndarray]:
+    """Checks a partial set of Hugging Face tensors and maps them onto state paths.
+
+    For run-time weight updates: any subset of the model's tensors may come,
+    each under its Hugging Face name (``WEIGHT_MAP``), in the Hugging Face
+    layout (linears ``[out, in]``). ``lm_head.weight`` of a model with tied
+    embeddings and rotary caches are ignored.
+
+    Returns:
+      ``{our path: numpy array in our layout}`` (dtype unchanged).
+
+    Raises:
+      UnknownWeightError: a name the config has no parameter for.
+      WeightShapeError: a tensor whose shape differs from the parameter's.
+    """
+    names = hf_names(config)
+    paths = _flat_abstract(config, "float32")
+    unknown = [n for n in tensors if n not in names and not n.endswith(_SKIPPED_SUFFIXES)
+               and not (n == "lm_head.weight" and config.tie_word_embeddings)]
+    if unknown:
+        raise UnknownWeightError(unknown)
+    out: dict[Path, np.ndarray] = {}
+    for hf, array in tensors.items():
+        if hf not in names:
+            continue
+        path, transpose = names[hf]
+        spec = tuple(paths[path].shape)
+        expected = spec[::-1] if transpose else spec
+        if tuple(array.shape) != expected:
+            raise WeightShapeError(hf, expected, array.shape)
+        out[path] = array.T if transpose else array
+    return out
+
+
 def _hf_name_of(config: ModelConfig) -> dict[Path, tuple[str, bool]]:
     return {path: (hf, t) for hf, (path, t) in hf_names(config).items()}
 

@@ -1,7 +1,9 @@
 """LMDeploy's native routes: /sleep, /wakeup, /is_sleeping, /terminate, /v1/encode.
 
 (``/generate``, ``/abort_request`` and ``/update_weights`` are shared with
-SGLang and live in ``native_sglang``; ``/pooling`` in ``pooling_routes``.)
+SGLang and live in ``native_sglang``, which hands an ``/update_weights`` body
+with ``serialized_named_tensors`` to ``update_params`` here; ``/pooling`` is
+in ``pooling_routes``.)
 
 ``/sleep`` frees the device memory of the weights and the KV cache (LMDeploy's
 ``level`` 1 keeps a host copy of the weights, level 2 reloads them from disk
@@ -19,10 +21,49 @@ import signal
 from quart import Quart, Response, request
 
 from serving.api.errors import APIError
-from serving.api.native_common import body_dict, json_response
+from serving.api.native_common import body_dict, json_response, native_state, require_task
 from serving.api.state import ServerState
 
 logger = logging.getLogger(__name__)
+
+
+async def update_params(app: Quart, state: ServerState, body: dict) -> Response:
+    """LMDeploy's ``POST /update_weights``: ``{serialized_named_tensors, load_format, finished}``.
+
+    The tensors (formats in ``serving.api.weight_payload``) are staged until a
+    call with ``finished: true`` swaps them in on every replica, so a model
+    larger than the app's body limit (32 MiB) goes in several calls. Answers 200
+    with ``null`` as LMDeploy does; a payload that cannot be decoded, an
+    unknown name or a wrong shape is a 400 and drops what was staged (the old
+    weights keep serving).
+    """
+    from serving.api.weight_payload import PayloadError, decode_named_tensors
+
+    finished = body.get("finished", False)
+    if not isinstance(finished, bool):
+        raise APIError("`finished` must be a boolean", 400, "finished")
+    load_format = body.get("load_format")
+    if load_format is not None and not isinstance(load_format, str):
+        raise APIError("`load_format` must be a string or null", 400, "load_format")
+    require_task(state, "/update_weights", "generate")
+    update = getattr(state.engine, "update_weights_from_tensors", None)
+    if update is None:
+        raise APIError("this engine cannot update weights at run time", 400)
+    try:
+        tensors = await asyncio.to_thread(decode_named_tensors,
+                                          body.get("serialized_named_tensors"), load_format)
+    except PayloadError as exc:
+        drop = getattr(state.engine, "drop_staged_weights", None)
+        if drop is not None:
+            drop()  # a broken sequence: drop what was staged
+        raise APIError(f"Failed to update weights: {exc}", 400,
+                       "serialized_named_tensors") from None
+    ok, message = await asyncio.to_thread(update, tensors, finished)
+    if not ok:
+        raise APIError(message, 400, "serialized_named_tensors")
+    if finished:
+        native_state(app).cache_version += 1
+    return json_response(None)
 
 
 def register(app: Quart, state: ServerState) -> None:

@@ -6,7 +6,7 @@
 ``/get_max_total_num_tokens``), ``/health_generate``, ``/flush_cache``,
 ``/abort_request`` (SGLang ``rid`` or LMDeploy ``session_id``/``abort_all``),
 ``/update_weights_from_disk`` and ``/update_weights`` (``model_path`` ->
-SGLang's; ``serialized_named_tensors`` -> LMDeploy's, not supported yet).
+SGLang's; ``serialized_named_tensors`` -> LMDeploy's, ``native_lmdeploy.update_params``).
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from serving.api.errors import APIError
 from serving.api.native_common import (body_dict, check_awake, engine_config_dict, hf_config,
                                        json_response, native_state, require_task, task_of)
 from serving.api.native_generate import dialect_of, parse_lmdeploy, parse_sglang, run_generate
+from serving.api.native_lmdeploy import update_params
 from serving.api.state import ServerState
 from serving.engine.types import SamplingParams
 
@@ -181,8 +182,5 @@ def register(app: Quart, state: ServerState) -> None:
     async def update_weights():
         body = await body_dict()
         if "serialized_named_tensors" in body and "model_path" not in body:
-            raise APIError("LMDeploy's in-memory weight update (serialized_named_tensors, "
-                           f"load_format={body.get('load_format')!r}) is not supported by "
-                           "this server; POST {\"model_path\": ...} to load from disk.", 400,
-                           "serialized_named_tensors")
+            return await update_params(app, state, body)
         return await update_from_disk(body)

@@ -77,6 +77,8 @@ class AsyncEngine:
         self._ready = False
         self._sleeping = False
         self._lock = threading.Lock()
+        self._update_lock = threading.Lock()  # serializes tensor updates
+        self._pending: dict = {}  # state path -> host array staged by update_weights_from_tensors
 
     # attributes the HTTP layer reads
     @property
@@ -184,12 +186,18 @@ class AsyncEngine:
     def num_unfinished(self) -> int:
         return len(self._streams) + len(self.engine._inbox)
 
+    def _replicas(self) -> list:
+        """The ``LLMEngine``s behind this engine: one, or each data-parallel replica."""
+        return list(getattr(self.engine, "engines", None) or [self.engine])
+
     def sleep(self, level: int = 1) -> None:
         """Frees the device memory of weights and KV cache (LMDeploy/vLLM sleep).
 
-        Level 1 keeps a host copy of the weights for ``wake_up``; level 2
-        discards them (``wake_up`` reloads from ``model_path``). Requests
-        arriving meanwhile get EngineNotReadyError (503).
+        Every data-parallel replica sleeps. Level 1 keeps one host copy of the
+        weights (replicas hold the same weights) for ``wake_up``; level 2
+        discards them (``wake_up`` reloads from ``model_path``, so weights set
+        by ``update_weights_from_tensors`` are lost). Requests arriving
+        meanwhile get EngineNotReadyError (503).
 
         Raises:
             RuntimeError: requests are still running.
@@ -203,38 +211,57 @@ class AsyncEngine:
             if self.engine.has_work():
                 self._sleeping = False
                 raise RuntimeError(f"cannot sleep while {self.num_unfinished()} requests run")
-            runner = self.engine.runner
-            self._sleep_host_state = jax.device_get(runner.state) if level == 1 else None
-            self._sleep_shardings = jax.tree.map(lambda a: a.sharding, runner.state)
-            self.engine.block_manager.flush_prefix_cache()  # cached pages die with the KV
-            runner.release()
-            self.engine.loaded.state = None
-        logger.info("engine asleep (level %d): weights and KV cache released", level)
+            replicas = self._replicas()
+            self._sleep_host_state = (jax.device_get(replicas[0].runner.state)
+                                      if level == 1 else None)
+            self._sleep_shardings = [jax.tree.map(lambda a: a.sharding, r.runner.state)
+                                     for r in replicas]
+            for r in replicas:
+                r.block_manager.flush_prefix_cache()  # cached pages die with the KV
+                r.runner.release()
+                r.loaded.state = None
+        logger.info("engine asleep (level %d): weights and KV cache of %d replica(s) released",
+                    level, len(replicas))
 
     def wake_up(self) -> None:
-        """Restores the weights and KV cache released by ``sleep``."""
+        """Restores the weights and KV cache released by ``sleep`` (every replica)."""
         import jax
 
         if not self._sleeping:
             return
         with self._lock:
+            replicas = self._replicas()
             host = self._sleep_host_state
             if host is None:
                 from model.loader import load_model
-                host = load_model(self.engine.model_path, dtype=self.engine.dtype,
+                host = load_model(replicas[0].model_path, dtype=replicas[0].dtype,
                                   with_tokenizer=False).state
-            state = jax.tree.map(jax.device_put, host, self._sleep_shardings)
-            self.engine.runner.restore(state)
-            self.engine.loaded.state = state
+            for r, shardings in zip(replicas, self._sleep_shardings):
+                state = jax.tree.map(jax.device_put, host, shardings)
+                r.runner.restore(state)
+                r.loaded.state = state
             self._sleep_host_state = self._sleep_shardings = None
         self._sleeping = False
         logger.info("engine awake")
 
+    def _swap_states(self, states: list, model_path: Optional[str] = None) -> None:
+        """Installs one new state per replica between steps; drops the prefix cache."""
+        with self._lock:
+            for r, state in zip(self._replicas(), states):
+                r.runner.state = state
+                r.loaded.state = state
+                if model_path is not None:
+                    r.model_path = model_path
+            if model_path is not None:
+                self.engine.model_path = model_path
+            self.engine.scheduler.flush_prefix_cache()  # refused (False) while requests run
+
     def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
         """Loads new weights of the same architecture and shapes; swaps between steps.
 
-        The new checkpoint is read and checked off the engine lock; only the swap
-        holds it. On any failure the old weights keep serving.
+        The new checkpoint is read, checked and placed on every replica's
+        devices off the engine lock; only the swap holds it. On any failure
+        the old weights keep serving.
 
         Returns:
             ``(success, message)`` worded as SGLang words them.
@@ -243,28 +270,82 @@ class AsyncEngine:
 
         from model.loader import load_model
 
+        replicas = self._replicas()
         try:
-            new = load_model(model_path, dtype=self.engine.dtype, with_tokenizer=False)
+            new = load_model(model_path, dtype=replicas[0].dtype, with_tokenizer=False)
         except FileNotFoundError:
             return False, f"Failed to get weights iterator: {model_path} (repository not found)."
         except Exception as exc:  # noqa: BLE001 - reported to the client
             return False, (f"Failed to update weights: {exc}.\n"
                            "Rolling back to original weights.")
-        old = self.engine.runner.state
+        old = replicas[0].runner.state
         problem = _state_mismatch(old, new.state) if old is not None else "the engine is asleep"
         if problem is None and new.config.architecture != self.engine.model_config.architecture:
             problem = (f"architecture {new.config.architecture} does not match "
                        f"{self.engine.model_config.architecture}")
         if problem is not None:
             return False, f"Failed to update weights: {problem}.\nRolling back to original weights."
-        state = jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new.state, old)
-        with self._lock:
-            self.engine.runner.state = state
-            self.engine.loaded.state = state
-            self.engine.model_path = str(new.path)
-            self.engine.scheduler.flush_prefix_cache()  # refused (False) while requests run
-        logger.info("updated weights from %s", model_path)
+        states = [jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new.state,
+                               r.runner.state) for r in replicas]
+        self._swap_states(states, str(new.path))
+        logger.info("updated weights of %d replica(s) from %s", len(replicas), model_path)
         return True, "Succeeded to update model weights."
+
+    def update_weights_from_tensors(self, tensors: dict, finished: bool = True
+                                    ) -> tuple[bool, str]:
+        """Stages named Hugging Face tensors; swaps them in when ``finished`` (LMDeploy).
+
+        Each call's tensors are checked (names through ``model.weights``'
+        name map, shapes against the parameters) and kept on the host; the
+        call with ``finished=True`` places everything staged on every
+        replica's devices and swaps it in between steps, so requests never see
+        a half-updated model. Tensors not sent keep their values. A bad call
+        discards everything staged since the last swap.
+
+        Args:
+            tensors: ``{hf_name: numpy array}`` in the Hugging Face layout.
+            finished: the last call of this update.
+
+        Returns:
+            ``(success, message)``; on failure the old weights keep serving.
+        """
+        import jax
+
+        from model.weights import paths_from_hf_update
+
+        with self._update_lock:
+            if self._sleeping or self._replicas()[0].runner.state is None:
+                self._pending = {}
+                return False, "Failed to update weights: the engine is asleep; POST /wakeup first."
+            try:
+                updates = paths_from_hf_update(self.engine.model_config, tensors)
+            except (KeyError, ValueError) as exc:
+                self._pending = {}
+                return False, (f"Failed to update weights: {exc}.\n"
+                               "Rolling back to original weights.")
+            self._pending.update(updates)
+            if not finished:
+                return True, (f"Staged {len(updates)} tensor(s), {len(self._pending)} in all; "
+                              "they take effect with finished=true.")
+            pending, self._pending = self._pending, {}
+
+            def replace(keypath, leaf):
+                path = tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
+                if path not in pending:
+                    return leaf
+                return jax.device_put(pending[path].astype(leaf.dtype), leaf.sharding)
+
+            states = [jax.tree_util.tree_map_with_path(replace, r.runner.state)
+                      for r in self._replicas()]
+            self._swap_states(states)
+        logger.info("updated %d tensor(s) on %d replica(s) from serialized tensors",
+                    len(pending), len(states))
+        return True, "Succeeded to update model weights."
+
+    def drop_staged_weights(self) -> None:
+        """Forgets tensors staged by ``update_weights_from_tensors`` (nothing swapped yet)."""
+        with self._update_lock:
+            self._pending = {}
 
 
 def _enable_compile_cache(path: Optional[str]) -> None:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import os
+import pickle
 import time
 
 import httpx
@@ -188,6 +191,9 @@ MALFORMED = [
     ("/generate", {"prompt": "a", "max_tokens": "x"}), ("/generate", {"input_ids": [10 ** 9]}),
     ("/abort_request", {"session_id": "x"}), ("/update_weights_from_disk", {}),
     ("/update_weights", {"serialized_named_tensors": "abc", "load_format": "flattened_bucket"}),
+    ("/update_weights", {"serialized_named_tensors": "not base64!"}),
+    ("/update_weights", {"serialized_named_tensors": 5, "finished": True}),
+    ("/update_weights", {"serialized_named_tensors": {"a": [1]}, "finished": "yes"}),
     ("/", {"generate_config": {"max_new_tokens": 2}}), ("/", {"prompt": 3}),
     ("/chat/render", {"messages": "x"}), ("/v1/chat/render", {}),
     ("/tokenizer/encode", {}), ("/set_log_level", {"log_level": "LOUD"}),
@@ -225,6 +231,73 @@ def test_update_weights_from_disk(client, converted):
     assert bad["message"].startswith("Failed to update weights: The size of tensor a")
     assert bad["message"].endswith("\nRolling back to original weights.")
     assert client.post("/generate", json=GREEDY).json()["text"] == before
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def _update(client, payload, finished: bool, **extra) -> httpx.Response:
+    return client.post("/update_weights", json={"serialized_named_tensors": payload,
+                                                "finished": finished, **extra})
+
+
+def test_lmdeploy_update_weights_from_tensors(client, tmp_path):
+    """LMDeploy's /update_weights: staged until finished, swapped whole, refused whole."""
+    import torch
+    from multiprocessing.reduction import ForkingPickler
+
+    from model.default import default_model_path
+    from model.gguf import read_gguf
+    from safetensors.numpy import save
+    from torch.multiprocessing.reductions import reduce_tensor
+
+    _, tensors = read_gguf(default_model_path())  # the served weights, Hugging Face names
+    norm, down = tensors["model.norm.weight"], tensors["model.layers.0.mlp.down_proj.weight"]
+    before = client.post("/generate", json=GREEDY).json()["text"]
+    zeros_req = {"text": "Hello", "sampling_params": {"max_new_tokens": 3, "temperature": 0,
+                                                      "ignore_eos": True}}
+
+    # the same weights, in two calls (pickled torch tensors, then safetensors): no change
+    first = _update(client, _b64(pickle.dumps([("model.layers.0.mlp.down_proj.weight",
+                                                torch.from_numpy(down))])), False)
+    assert first.status_code == 200 and first.json() is None, first.text
+    assert _update(client, _b64(save({"model.norm.weight": norm})), True).json() is None
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+
+    # a zeroed final norm makes every logit 0, so greedy picks token 0; staged until finished
+    assert _update(client, {"model.norm.weight": [0.0] * norm.shape[0]}, False).status_code == 200
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+    assert _update(client, {}, True).status_code == 200
+    assert client.post("/generate", json=zeros_req).json()["output_ids"] == [0, 0, 0]
+    restore = _update(client, _b64(pickle.dumps({"model.norm.weight": norm})), True,
+                      load_format="pickle")
+    assert restore.status_code == 200, restore.text
+    assert client.post("/generate", json=GREEDY).json()["text"] == before
+
+    # refusals are 400s that drop the staged tensors; the old weights keep serving
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    bad_payloads = [
+        ([("model.layers.99.mlp.up_proj.weight", torch.zeros(2))], "unknown parameter"),
+        ([("model.norm.weight", torch.zeros(7))], "has shape (7,), expected (576,)"),
+        ([("model.norm.weight", Evil())], "refused to unpickle"),
+        (None, "CUDA IPC handle"),
+    ]
+    for named, words in bad_payloads:
+        assert _update(client, {"model.norm.weight": [0.0] * norm.shape[0]}, False
+                       ).status_code == 200
+        data = (ForkingPickler.dumps([("model.norm.weight", reduce_tensor(torch.zeros(576)))])
+                if named is None else pickle.dumps(named))
+        err = assert_json_error(_update(client, _b64(bytes(data)), True))
+        assert words in err["message"], err
+        assert _update(client, {}, True).status_code == 200  # nothing staged is left
+        assert client.post("/generate", json=GREEDY).json()["text"] == before
+    assert not marker.exists()
 
 
 def test_sleep_and_wakeup(client):
