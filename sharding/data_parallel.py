@@ -7,7 +7,8 @@ one ``LLMEngine`` (``validate``/``submit``/``abort``/``has_work``/``step``/
 ``stats`` and the ``scheduler``/``runner``/``_inbox`` it peeks at), so the HTTP
 layer is unchanged. New requests go to the least-loaded replica (fewest
 running + waiting sequences); ``step()`` steps every busy replica on its own
-thread, so their device work overlaps.
+thread, so their device work overlaps. The admin operations of ``AsyncEngine``
+(sleep, wake-up, weight updates) reach each replica through ``engines``.
 
 This module is duck-typed over the replicas and imports nothing from
 ``serving`` (layers point one way: ``serving`` uses ``sharding``).
