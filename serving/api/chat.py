@@ -2,9 +2,9 @@
 
 The prompt is rendered with the tokenizer's Jinja chat template (or the one
 given by ``--chat-template`` or the request's ``chat_template``) through
-``tokenizer.apply_chat_template``. ``tools`` are handed to the template, but
-tool calls in the output are not parsed: the model's text comes back as
-``content``.
+``tokenizer.apply_chat_template``. ``tools`` are handed to the template;
+``tool_choice`` decides whether the output is constrained to a call and how
+tool calls are parsed out of it (``tools.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from serving.api.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                   DeltaMessage, UsageInfo)
 from serving.api.sampling import build_sampling_params, resolve_max_tokens, truncate
 from serving.api.streaming import DONE, sse, sse_response
+from serving.api.tools import ToolPlan, ToolStream, finish_reason, parse_output, plan_tools
 
 logger = logging.getLogger(__name__)
 
@@ -118,9 +119,7 @@ def _prompt_ids(state, req: ChatCompletionRequest) -> tuple[list[int], list[dict
 async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str):
     """Serves one chat completion request (streaming or not)."""
     model = state.check_model(req.model)
-    if req.tool_choice not in (None, "none", "auto"):
-        raise APIError("tool_choice other than 'none' or 'auto' needs guided decoding, which is "
-                       "not supported yet by this server.", 400, "tool_choice")
+    plan = plan_tools(req)
     if req.bad_words:
         raise APIError("`bad_words` is not supported yet by this server.", 400, "bad_words")
     top = req.top_logprobs or 0
@@ -141,7 +140,8 @@ async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str
     params = build_sampling_params(req, max_tokens=max_tokens,
                                    logprobs=top if req.logprobs else None,
                                    max_n=state.config.max_n,
-                                   vocab_size=int(state.engine.model_config.vocab_size))
+                                   vocab_size=int(state.engine.model_config.vocab_size),
+                                   guide=plan.guide)
     state.check_ready()
     echo = ""
     role = state.config.response_role
@@ -152,11 +152,24 @@ async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str
     response_id = f"chatcmpl-{base_id}"
     text = TokenText(state.tokenizer, bool(req.return_tokens_as_token_ids))
     if req.stream:
-        return sse_response(_stream(req, gen, model, response_id, role, echo, top, text))
-    return await _collect(req, gen, model, response_id, role, echo, top, text)
+        return sse_response(_stream(req, gen, model, response_id, role, echo, top, text, plan))
+    return await _collect(req, gen, model, response_id, role, echo, top, text, plan)
 
 
-async def _collect(req, gen, model, response_id, role, echo, top, text) -> ChatCompletionResponse:
+def _message(role: str, echo: str, body: str, plan: ToolPlan, reason):
+    """The response message and finish reason of one finished choice."""
+    if not plan.active:
+        return ChatResponseMessage(role=role, content=echo + body), reason
+    content, calls = parse_output(plan, body)
+    if echo:
+        content = echo + (content or "")
+    return (ChatResponseMessage(role=role, content=content,
+                                tool_calls=[c.as_dict() for c in calls]),
+            finish_reason(reason, calls))
+
+
+async def _collect(req, gen, model, response_id, role, echo, top, text,
+                   plan: ToolPlan) -> ChatCompletionResponse:
     final = None
     async for _, out in gen.outputs():
         if out.finished:
@@ -168,9 +181,10 @@ async def _collect(req, gen, model, response_id, role, echo, top, text) -> ChatC
         lp = None
         if req.logprobs:
             lp = chat_logprobs(o.token_ids, o.logprobs or [None] * len(o.token_ids), top, text)
+        message, reason = _message(role, echo, o.text, plan, o.finish_reason)
         choices.append(ChatCompletionResponseChoice(
-            index=o.index, message=ChatResponseMessage(role=role, content=echo + o.text),
-            logprobs=lp, finish_reason=o.finish_reason, stop_reason=o.stop_reason,
+            index=o.index, message=message,
+            logprobs=lp, finish_reason=reason, stop_reason=o.stop_reason,
             token_ids=list(o.token_ids) if req.return_token_ids else None))
     p = final.num_prompt_tokens
     c = sum(len(o.token_ids) for o in final.outputs)
@@ -180,7 +194,7 @@ async def _collect(req, gen, model, response_id, role, echo, top, text) -> ChatC
         prompt_token_ids=list(final.prompt_token_ids) if req.return_token_ids else None)
 
 
-async def _stream(req, gen, model, response_id, role, echo, top, text):
+async def _stream(req, gen, model, response_id, role, echo, top, text, plan: ToolPlan):
     n = 1 if req.n is None else req.n
     opts = req.stream_options
     include_usage = bool(opts and opts.include_usage)
@@ -203,6 +217,7 @@ async def _stream(req, gen, model, response_id, role, echo, top, text):
                 index=i, delta=DeltaMessage(content=echo), logprobs=None, finish_reason=None)]))
     sent_text: dict[int, int] = {}
     sent_tokens: dict[int, int] = {}
+    tool_streams = {i: ToolStream(plan) for i in range(n)} if plan.active else {}
     generated = 0
     async for _, out in gen.outputs():
         if out.error:
@@ -218,17 +233,29 @@ async def _stream(req, gen, model, response_id, role, echo, top, text):
                 steps = (o.logprobs or [])[k0:k0 + len(new_ids)]
                 steps += [None] * (len(new_ids) - len(steps))
                 lp = chat_logprobs(new_ids, steps, top, text)
+            deltas = [DeltaMessage(content=delta)]
+            reason = o.finish_reason if o.finished else None
+            if plan.active:  # tool calls: content and calls come from the ToolStream
+                ts = tool_streams[o.index]
+                deltas = [DeltaMessage(**d) for d in ts.feed(o.text, o.finished)]
+                if not deltas and not o.finished:
+                    continue  # held back (may be part of a call); tokens go with the next
+                deltas = deltas or [DeltaMessage(content="")]
+                reason = finish_reason(reason, ts.calls)
             sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
-            choice = ChatCompletionResponseStreamChoice(
-                index=o.index, delta=DeltaMessage(content=delta), logprobs=lp,
-                finish_reason=o.finish_reason if o.finished else None)
-            if o.finished:
-                choice.stop_reason = o.stop_reason
-            usage = None
-            if continuous:
-                usage = UsageInfo(prompt_tokens=num_prompt, completion_tokens=len(o.token_ids),
-                                  total_tokens=num_prompt + len(o.token_ids))
-            yield sse(chunk([choice], usage))
+            for k, dm in enumerate(deltas):
+                last = k == len(deltas) - 1
+                choice = ChatCompletionResponseStreamChoice(
+                    index=o.index, delta=dm, logprobs=lp if k == 0 else None,
+                    finish_reason=reason if last else None)
+                if o.finished and last:
+                    choice.stop_reason = o.stop_reason
+                usage = None
+                if continuous:
+                    usage = UsageInfo(prompt_tokens=num_prompt,
+                                      completion_tokens=len(o.token_ids),
+                                      total_tokens=num_prompt + len(o.token_ids))
+                yield sse(chunk([choice], usage))
     if include_usage:
         yield sse(chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated,
                                       total_tokens=num_prompt + generated)))

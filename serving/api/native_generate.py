@@ -22,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.errors import APIError
 from serving.api.generation import Generation
+from serving.api.guides import guide_from_sglang
 from serving.api.native_common import NativeState, validate
 from serving.api.streaming import DONE, sse_response
 from serving.engine.types import SamplingParams, ValidationError
@@ -31,7 +32,6 @@ logger = logging.getLogger(__name__)
 LMDEPLOY_FLAT = ("prompt", "max_tokens", "session_id", "repetition_penalty", "temperature",
                  "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
                  "skip_special_tokens", "include_stop_str_in_output", "return_logprob")
-UNSUPPORTED_SGL = ("json_schema", "regex", "ebnf", "structural_tag")
 
 
 class _Loose(BaseModel):
@@ -195,10 +195,7 @@ def parse_sglang(state, body: dict, base_id: str) -> GenerateJob:
         raise APIError("`rid` list must match the batch size", 400, "rid")
     for i, ids in enumerate(prompts):
         sp = _per_item(sps, i)
-        for name in UNSUPPORTED_SGL:
-            if getattr(sp, name) is not None:
-                raise APIError(f"sampling_params.{name} (constrained decoding) is not supported "
-                               "yet by this server.", 400, f"sampling_params.{name}")
+        guide = guide_from_sglang(sp)  # json_schema / regex / ebnf
         max_new = sp.max_new_tokens
         if max_new is not None and len(ids) + max_new > state.max_model_len:
             raise APIError(f"Requested token count exceeds the model's maximum context length "
@@ -217,7 +214,7 @@ def parse_sglang(state, body: dict, base_id: str) -> GenerateJob:
                   stop_token_ids=list(sp.stop_token_ids or []), ignore_eos=sp.ignore_eos,
                   include_stop_str_in_output=sp.no_stop_trim,
                   skip_special_tokens=sp.skip_special_tokens,
-                  spaces_between_special_tokens=sp.spaces_between_special_tokens)
+                  spaces_between_special_tokens=sp.spaces_between_special_tokens, guide=guide)
         seed = sp.sampling_seed if sp.sampling_seed is not None else sp.seed
         params.append(_params(kw, vocab=vocab, logprobs=top if rlp else None,
                               prompt_logprobs=top if rlp and start >= 0 else None, seed=seed))

@@ -110,7 +110,7 @@ class SamplingExtras(OpenAIModel):
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
     allowed_token_ids: Optional[list[int]] = None
     prompt_logprobs: Optional[int] = None
-    # guided decoding: accepted by the schema, refused by the routes for now
+    # guided decoding (serving/api/guides.py)
     response_format: Optional[ResponseFormat] = None
     guided_json: Optional[Union[str, dict[str, Any]]] = None
     guided_regex: Optional[str] = None
@@ -210,8 +210,9 @@ class ChatMessage(OpenAIModel):
 class ChatCompletionRequest(SamplingExtras):
     """POST /v1/chat/completions (OpenAI fields, then vLLM and LMDeploy extras).
 
-    ``tools`` and ``tool_choice`` are passed to the chat template; tool calls
-    in the output are not parsed (the text comes back as ``content``).
+    ``tools`` are passed to the chat template; ``tool_choice`` "required" or a
+    named function constrains the output to a call, "auto" parses calls out of
+    free text (``serving/api/tools.py``).
     """
 
     messages: list[ChatMessage]
@@ -294,6 +295,7 @@ class ChatCompletionResponse(OpenAIModel):
 class DeltaMessage(OpenAIModel):
     role: Optional[str] = None
     content: Optional[str] = None
+    tool_calls: Optional[list[dict[str, Any]]] = None  # [{index, id?, type?, function{...}}]
 
 
 class ChatCompletionResponseStreamChoice(OpenAIModel):

@@ -11,8 +11,9 @@ from __future__ import annotations
 from typing import Optional, Union
 
 from serving.api.errors import APIError, not_supported
+from serving.api.guides import guide_from_request
 from serving.api.protocol import SamplingExtras
-from serving.engine.types import SamplingParams, ValidationError
+from serving.engine.types import GuideSpec, SamplingParams, ValidationError
 
 MAX_STOP_STRINGS = 64
 
@@ -21,13 +22,6 @@ def reject_unsupported(req: SamplingExtras) -> None:
     """Raises a 400 for fields the server accepts in the schema but does not implement."""
     if req.use_beam_search:
         raise not_supported("use_beam_search")
-    if req.response_format is not None and req.response_format.type != "text":
-        raise APIError(f"response_format type {req.response_format.type!r} (guided decoding) "
-                       "is not supported yet by this server.", 400, "response_format")
-    for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
-        if getattr(req, name) is not None:
-            raise APIError(f"`{name}` (guided decoding) is not supported yet by this server.",
-                           400, name)
     if req.logits_processors:
         raise not_supported("logits_processors")
     if req.priority != 0:
@@ -44,6 +38,7 @@ def build_sampling_params(
     logprobs: Optional[int],
     max_n: int,
     vocab_size: int,
+    guide: Optional[GuideSpec] = None,
 ) -> SamplingParams:
     """Maps a completion or chat request onto SamplingParams.
 
@@ -53,6 +48,8 @@ def build_sampling_params(
         logprobs: top alternatives per sampled token (None: no logprobs).
         max_n: the largest n/best_of allowed.
         vocab_size: the model's vocabulary size, to check token ids.
+        guide: a constraint from elsewhere (chat ``tool_choice``); it excludes
+            the request's own guided-decoding fields.
 
     Raises:
         APIError: 400 naming the parameter at fault.
@@ -77,6 +74,10 @@ def build_sampling_params(
             raise APIError(f"logit_bias keys must be token ids, got {key!r}", 400,
                            "logit_bias") from None
     min_tokens = max(req.min_tokens, req.min_new_tokens or 0)
+    own_guide = guide_from_request(req)
+    if guide is not None and own_guide is not None:
+        raise APIError(f"`{own_guide.param}` cannot be combined with `{guide.param}`, which "
+                       "already constrains the output.", 400, own_guide.param)
     try:
         params = SamplingParams(
             n=n,
@@ -101,6 +102,7 @@ def build_sampling_params(
             allowed_token_ids=req.allowed_token_ids,
             skip_special_tokens=req.skip_special_tokens,
             spaces_between_special_tokens=req.spaces_between_special_tokens,
+            guide=guide or own_guide,
         )
         params.validate_vocab(vocab_size)
     except ValidationError as exc:
