@@ -135,6 +135,8 @@ def test_model_and_server_info(client):
     assert server["max_total_num_tokens"] > 0 and "version" in server
     assert client.get("/get_server_args").json()["max_model_len"] == 512
     assert client.get("/get_memory_pool_size").json() == server["max_total_num_tokens"]
+    assert client.get("/get_max_total_num_tokens").json() == {
+        "max_total_num_tokens": server["max_total_num_tokens"]}
     assert client.get("/health_generate").status_code == 200
     flush = client.post("/flush_cache")
     assert flush.status_code == 200 and flush.text.startswith("Cache flushed")
@@ -202,18 +204,33 @@ MALFORMED = [
     ("/encode", {"text": "x"}), ("/v1/embeddings", {"input": "x"}), ("/pooling", {"input": "x"}),
     ("/score", {"text_1": "a", "text_2": "b"}), ("/v1/rerank", {"query": "a", "documents": ["b"]}),
     ("/classify", {"input": "x"}), ("/v1/classifier", {"input": ["x"]}),
-    ("/v1/embeddings/sparse", {"input": "x"}),
+    ("/v1/embeddings/sparse", {"input": "x"}), ("/rerank", {"query": "a", "documents": ["b"]}),
+    ("/v2/rerank", {"query": "a", "documents": ["b"]}), ("/v1/embeddings/dense", {"input": "x"}),
+    ("/v1/embeddings/colbert", {"input": "x"}),
+    ("/v1/embeddings/similarity", {"left": ["a"], "right": ["b"]}),
+    ("/tokenize", {}), ("/detokenize", {"tokens": "x"}), ("/v1/completions", {"prompt": 5}),
+    ("/v1/chat/completions", {"messages": "x"}),
 ]
+POOLING_PATHS = ("/encode", "/v1/embeddings", "/pooling", "/score", "/v1/rerank", "/classify",
+                 "/v1/classifier", "/v1/embeddings/sparse", "/rerank", "/v2/rerank",
+                 "/v1/embeddings/dense", "/v1/embeddings/colbert", "/v1/embeddings/similarity")
 
 
 @pytest.mark.parametrize("path,body", MALFORMED, ids=[f"{p}-{i}" for i, (p, _) in
                                                       enumerate(MALFORMED)])
 def test_malformed_bodies_get_4xx_json(client, path, body):
     err = assert_json_error(client.post(path, json=body))
-    if path in ("/encode", "/v1/embeddings", "/pooling", "/score", "/v1/rerank", "/classify",
-                "/v1/classifier", "/v1/embeddings/sparse"):
+    if path in POOLING_PATHS:
         assert "generation model" in err["message"]
     assert_json_error(client.post(path, content=b"{not json"))
+
+
+@pytest.mark.parametrize("path", ["/sleep", "/wakeup", "/abort_request", "/cache_status",
+                                  "/worker_status"])
+def test_optional_bodies_must_still_be_json(client, path):
+    """Routes whose body is optional refuse one that is not JSON (and stay awake)."""
+    assert_json_error(client.post(path, content=b"{not json"))
+    assert client.get("/is_sleeping").json() == {"is_sleeping": False}
 
 
 def test_update_weights_from_disk(client, converted):
