@@ -72,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=None)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule step N+1 while step N runs on the device (default on)")
     g.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size",
                    type=int, default=1)
     g.add_argument("--data-parallel-size", "--dp-size", "--dp", dest="data_parallel_size",
@@ -141,6 +143,7 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
                      enable_prefix_caching=args.enable_prefix_caching,
                      enable_chunked_prefill=args.enable_chunked_prefill,
                      attention_backend=args.attention_backend,
+                     async_scheduling=args.async_scheduling,
                      tensor_parallel_size=args.tensor_parallel_size,
                      data_parallel_size=args.data_parallel_size, seed=args.seed,
                      nnodes=args.nnodes, node_rank=args.node_rank,

@@ -35,6 +35,7 @@ class EngineConfig:
     precompile: bool = True  # compile every bucket at start-up
     decode_buckets: tuple[int, ...] = ()  # () = powers of two up to max_num_seqs
     prefill_buckets: tuple[int, ...] = ()  # () = powers of two up to max_num_batched_tokens
+    async_scheduling: bool = True  # schedule step N+1 while step N runs on the device
     max_queue_size: int = 1024  # waiting requests beyond this are refused (503)
 
     def __post_init__(self) -> None:

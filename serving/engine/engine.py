@@ -32,7 +32,7 @@ from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
 from serving.engine.guided import GuideCompiler, GuideMatcher
 from serving.engine.scheduler import Scheduler, SchedulerConfig
-from serving.engine.sequence import Sequence, SequenceGroup
+from serving.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
 from serving.engine.types import (CompletionOutput, FinishReason, Logprob, RequestMetrics,
                                   RequestOutput, SamplingParams, ValidationError)
 
@@ -49,6 +49,17 @@ class _SeqState:
     out: CompletionOutput
     full_text: str = ""
     guide: Optional[GuideMatcher] = None  # grammar state for guided decoding
+
+
+@dataclasses.dataclass
+class _InFlight:
+    """A step launched on the device whose results the host has not read."""
+
+    out: object  # SchedulerOutput
+    handle: object  # runner.StepHandle
+    samplers: list  # (Sequence, token is PENDING_TOKEN) for each sequence it samples
+    t0: float  # when it was scheduled
+    sync_next: bool  # read it before scheduling the next step
 
 
 class _RequestState:
@@ -139,6 +150,9 @@ class LLMEngine:
         self.on_output = None  # callback(list[RequestOutput]) set by AsyncEngine
         self.counters = collections.Counter()
         self.last_step_seconds = 0.0
+        # async scheduling: the launched step not yet read back (None when idle)
+        self.async_scheduling = config.async_scheduling and config.nnodes == 1
+        self._inflight: Optional[_InFlight] = None
 
     # ---- construction -------------------------------------------------------
     def _plan_num_pages(self) -> int:
@@ -240,7 +254,8 @@ class LLMEngine:
         self._inbox.append(("abort", request_id, None, None))
 
     def has_work(self) -> bool:
-        return bool(self._inbox) or self.scheduler.has_unfinished()
+        return (bool(self._inbox) or self.scheduler.has_unfinished()
+                or self._inflight is not None)
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -281,33 +296,85 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns a snapshot of every request it touched."""
+        """Runs one step; returns a snapshot of every request it touched.
+
+        With async scheduling, step N+1 is scheduled and dispatched while step
+        N still runs on the device: sequences sampled by step N carry a
+        ``PENDING_TOKEN`` whose input is gathered on the device from N's
+        output, and N's results are read (detokenized, stop-checked) after
+        N+1 is queued. Steps that need N's tokens on the host first (guided
+        decoding, penalties, multi-host lockstep) run synchronously.
+        """
         outputs = self._drain_inbox()
+        if self._inflight is not None and self._inflight.sync_next:
+            outputs.extend(self._complete(self._pop_inflight()))
         out = self.scheduler.schedule()
         for seq in out.finished:  # finished by the scheduler (max_model_len)
             st = self._requests.get(seq.request_id)
             if st is not None:
                 outputs.extend(self._on_seq_finished(st, seq, FinishReason.LENGTH))
         if out.is_empty:
+            if self._inflight is not None:
+                outputs.extend(self._complete(self._pop_inflight()))
             return outputs
         self.counters["preemptions"] += len(out.preempted)
         t0 = time.perf_counter()
         items = [self._step_item(s) for s in out.scheduled]
+        prev = self._pop_inflight()
         try:
-            results = self.runner.execute(items)
+            handle = self.runner.launch(items, prev.handle if prev is not None else None)
         except Exception as exc:  # a device failure ends the requests in this step only
             logger.exception("step failed; failing %d requests", len(items))
-            failed = {s.seq.request_id for s in out.scheduled}
-            for rid in failed:
-                st = self._requests.get(rid)
-                if st is not None:
-                    self.scheduler.abort(rid)
-                    outputs.append(self._finish_request(st, FinishReason.ERROR, str(exc)))
+            if prev is not None:
+                outputs.extend(self._complete(prev))
+            outputs.extend(self._fail(out, exc))
             return outputs
-        self.last_step_seconds = time.perf_counter() - t0
+        if prev is not None:  # read step N-1 while step N runs
+            self.counters["overlapped_steps"] += 1
+            outputs.extend(self._complete(prev))
+            self.last_step_seconds = t0 - prev.t0
+        samplers = self.scheduler.advance(out)
+        sync_next = not self.async_scheduling or any(s.params.needs_sync() for s in samplers)
+        pending = []
+        for seq in samplers:
+            p = seq.params
+            # a pending token only where another step surely follows it
+            is_pending = (not sync_next and seq.num_output_tokens + 1 < p.max_tokens
+                          and seq.num_tokens + 1 < self.max_model_len)
+            if is_pending:
+                seq.append_token(PENDING_TOKEN)
+            pending.append((seq, is_pending))
+        self._inflight = _InFlight(out, handle, pending, t0, sync_next)
+        if not self.async_scheduling:
+            outputs.extend(self._complete(self._pop_inflight()))
+            self.last_step_seconds = time.perf_counter() - t0
+        return outputs
+
+    def _pop_inflight(self) -> Optional["_InFlight"]:
+        fl, self._inflight = self._inflight, None
+        return fl
+
+    def _fail(self, out, exc: Exception) -> list[RequestOutput]:
+        """Ends every request of a failed step with an error."""
+        outputs = []
+        for rid in {s.seq.request_id for s in out.scheduled}:
+            st = self._requests.get(rid)
+            if st is not None:
+                self.scheduler.abort(rid)
+                outputs.append(self._finish_request(st, FinishReason.ERROR, str(exc)))
+        return outputs
+
+    def _complete(self, fl: "_InFlight") -> list[RequestOutput]:
+        """Reads a launched step's results and hands its tokens to their requests."""
+        out = fl.out
+        try:
+            results = self.runner.collect(fl.handle)
+        except Exception as exc:
+            logger.exception("step failed; failing %d requests", len(out.scheduled))
+            return self._fail(out, exc)
+        outputs: list[RequestOutput] = []
         self.counters["steps"] += 1
         self.counters["prompt_tokens"] += out.num_prefill_tokens
-        sampled = {sid: r.token for sid, r in results.items() if r.token is not None}
         touched: dict[str, _RequestState] = {}
         for sch in out.scheduled:
             st = self._requests.get(sch.seq.request_id)
@@ -322,14 +389,18 @@ class LLMEngine:
             if r is not None and r.prompt_lp is not None and sch.seq.index == 0:
                 self._add_prompt_logprobs(st, r.prompt_lp, sch.start)
             touched[st.request_id] = st
-        newly = self.scheduler.postprocess(out, sampled)
         now = time.time()
-        for seq in newly:
+        for seq, is_pending in fl.samplers:
             st = self._requests.get(seq.request_id)
-            if st is None:
-                continue
+            if st is None or seq.is_finished:
+                continue  # aborted or finished while the step ran: its token is dropped
+            r = results[seq.seq_id]
+            if is_pending:
+                seq.resolve_pending(r.token)
+            else:
+                seq.append_token(r.token)
             try:
-                reason = self._on_token(st, st.seqs[seq.seq_id], results[seq.seq_id], now)
+                reason = self._on_token(st, st.seqs[seq.seq_id], r, now)
             except Exception as exc:  # e.g. a detokenizer failure: end this request only
                 logger.exception("request %s failed", st.request_id)
                 self.scheduler.abort(st.request_id)

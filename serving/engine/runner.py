@@ -22,6 +22,7 @@ from model import api as model_api
 from model.attention import AttentionMetadata, KVCache
 from serving.engine.buckets import BucketPlan, round_up
 from serving.engine.guided import bitmask_table
+from serving.engine.sequence import PENDING_TOKEN
 from serving.engine.sampling import SampleResult, SamplingTensors, prompt_logprobs, sample
 from serving.engine.types import SamplingParams
 from sharding.step import jit_step, zeros_sharded
@@ -153,23 +154,54 @@ class ModelRunner:
 
     # ---- execution --------------------------------------------------------
     def execute(self, items: list[StepItem]) -> dict[int, ItemResult]:
-        """Runs one engine step; returns results keyed by seq_id."""
+        """Runs one engine step and waits for it; returns results keyed by seq_id."""
+        return self.collect(self.launch(items))
+
+    def launch(self, items: list[StepItem], prev: Optional["StepHandle"] = None) -> "StepHandle":
+        """Dispatches one engine step without waiting for the device.
+
+        Items whose last token is ``PENDING_TOKEN`` take it from ``prev`` (the
+        step before, still in flight): a small jitted gather feeds the device
+        array of its sampled tokens straight into this step's input ids.
+        """
         decode = [it for it in items if len(it.token_ids) == 1 and it.prompt_logprobs is None]
         prefill = [it for it in items if not (len(it.token_ids) == 1
                                               and it.prompt_logprobs is None)]
-        pending = []
+        calls = []
         if decode:
             for start in range(0, len(decode), self.plan.decode_seqs[-1]):
                 chunk = decode[start:start + self.plan.decode_seqs[-1]]
-                pending.append((chunk, self._launch(chunk, decode=True)))
+                calls.append((chunk, self._launch(chunk, decode=True, prev=prev)))
         for it in prefill:
-            pending.append(([it], self._launch([it], decode=False)))
+            calls.append(([it], self._launch([it], decode=False, prev=prev)))
+        return StepHandle(calls)
+
+    def collect(self, handle: "StepHandle") -> dict[int, ItemResult]:
+        """Waits for a launched step; returns results keyed by seq_id."""
         results: dict[int, ItemResult] = {}
-        for chunk, out in pending:  # device work was all dispatched above
+        for chunk, out in handle.calls:
             results.update(self._collect(chunk, out))
         return results
 
-    def _launch(self, items: list[StepItem], decode: bool):
+    def _input_ids(self, input_ids: np.ndarray, items: list[StepItem], prev):
+        """Host ids, or a device array with the pending tokens gathered from ``prev``."""
+        pending = np.flatnonzero(input_ids == PENDING_TOKEN)
+        if pending.size == 0:
+            return input_ids
+        if prev is None:
+            raise ValueError("a pending token needs the previous step's output")
+        src = np.full(input_ids.shape, -1, np.int32)
+        where = prev.flat_index()
+        row_of = {}
+        cursor = 0
+        for it in items:
+            cursor += len(it.token_ids)
+            row_of[cursor - 1] = it.seq_id  # only a sequence's last token can be pending
+        for pos in pending:
+            src[pos] = where[row_of[int(pos)]]
+        return _fill_pending(input_ids, src, prev.token_arrays())
+
+    def _launch(self, items: list[StepItem], decode: bool, prev=None):
         ps = self.page_size
         ctx_needed = max(it.start_pos + len(it.token_ids) for it in items)
         pages = round_up(-(-ctx_needed // ps), self.plan.ctx_pages)
@@ -206,6 +238,7 @@ class ModelRunner:
             slot_mapping=slots, max_q_len=1 if decode else num_tokens,
             attention_backend=self.attention_backend)
         st = self._sampling_tensors(items, num_seqs)
+        input_ids = self._input_ids(input_ids, items, prev)
         plp = [it for it in items if it.prompt_logprobs is not None]
         if plp:
             next_ids = np.zeros((num_tokens,), np.int32)
@@ -303,6 +336,34 @@ class ModelRunner:
                 r.prompt_lp = tuple(a[:n] for a in plp_host)
             results[it.seq_id] = r
         return results
+
+
+@dataclasses.dataclass
+class StepHandle:
+    """A launched step: ``(items, device outputs)`` per compiled call, not yet read."""
+
+    calls: list
+
+    def token_arrays(self) -> tuple:
+        """The device arrays of sampled tokens, one per call: ([S_call] i32, ...)."""
+        return tuple(out[0].tokens for _, out in self.calls)
+
+    def flat_index(self) -> dict[int, int]:
+        """seq_id -> row in the concatenation of ``token_arrays()``."""
+        index, offset = {}, 0
+        for (chunk, out) in self.calls:
+            for row, it in enumerate(chunk):
+                if it.sample:
+                    index[it.seq_id] = offset + row
+            offset += out[0].tokens.shape[0]
+        return index
+
+
+@jax.jit
+def _fill_pending(input_ids, src, token_arrays):
+    """input_ids [T] with ``src >= 0`` positions replaced by ``concat(token_arrays)[src]``."""
+    prev = jnp.concatenate(token_arrays)
+    return jnp.where(src >= 0, prev[jnp.clip(src, 0)], input_ids)
 
 
 def _default_sampling(num_seqs: int, vocab: int) -> SamplingTensors:

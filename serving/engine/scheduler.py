@@ -199,6 +199,9 @@ class Scheduler:
         i = 0
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if seq.num_computed_tokens == seq.num_tokens:
+                i += 1  # its last token is still on the device (async scheduling)
+                continue
             num_new = self._num_new_tokens(seq, seq.num_computed_tokens, budget)
             if num_new == 0:
                 i += 1  # prefill that does not fit whole (chunking off)
@@ -281,12 +284,34 @@ class Scheduler:
         return over
 
     # -------------------------------------------------------- postprocess
-    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
-        """Records a finished step.
+    def advance(self, out: SchedulerOutput) -> list[Sequence]:
+        """Records that the step of ``out`` ran (or is running on the device).
 
-        Advances ``num_computed_tokens``, appends sampled tokens, registers
-        newly full pages in the prefix cache and releases held ``best_of``
-        siblings whose shared prompt is now computed.
+        Advances ``num_computed_tokens``, registers newly full pages in the
+        prefix cache and releases held ``best_of`` siblings whose shared prompt
+        is now computed. The caller appends each sampler's token (or a
+        ``PENDING_TOKEN`` to fill in later) before the next :meth:`schedule`.
+
+        Returns:
+            The running sequences whose chunk reached its end (a token is
+            sampled), in schedule order.
+        """
+        samplers: list[Sequence] = []
+        for item in out.scheduled:
+            seq = item.seq
+            if seq.status != SequenceStatus.RUNNING:
+                continue  # aborted or finished during the step
+            samples = item.samples
+            seq.num_computed_tokens = item.end
+            self.block_manager.register_computed(seq)
+            if samples:
+                samplers.append(seq)
+            if seq.num_computed_tokens >= seq.num_prompt_tokens:
+                self._release_held(seq.request_id)
+        return samplers
+
+    def postprocess(self, out: SchedulerOutput, sampled: dict[int, int]) -> list[Sequence]:
+        """Records a finished step: :meth:`advance`, then appends the sampled tokens.
 
         Args:
             out: The output of the :meth:`schedule` call that ran.
@@ -296,20 +321,11 @@ class Scheduler:
         Returns:
             The sequences that got a token, in schedule order.
         """
-        newly: list[Sequence] = []
-        for item in out.scheduled:
-            seq = item.seq
-            if seq.status != SequenceStatus.RUNNING:
-                continue  # aborted or finished during the step
-            seq.num_computed_tokens = item.end
-            self.block_manager.register_computed(seq)
-            if item.samples:
-                if seq.seq_id not in sampled:
-                    raise ValueError(f"no sampled token for {seq}")
-                seq.append_token(sampled[seq.seq_id])
-                newly.append(seq)
-            if seq.num_computed_tokens >= seq.num_prompt_tokens:
-                self._release_held(seq.request_id)
+        newly = self.advance(out)
+        for seq in newly:
+            if seq.seq_id not in sampled:
+                raise ValueError(f"no sampled token for {seq}")
+            seq.append_token(sampled[seq.seq_id])
         return newly
 
     def _release_held(self, request_id: str) -> None:

@@ -127,11 +127,13 @@ class SamplingParams:
     def needs_sync(self) -> bool:
         """Whether each step's sampling needs the previous step's token on the host.
 
-        True for guided decoding: the token mask of step N+1 comes from the
-        grammar state after step N's token, so an overlapped (async) scheduler
-        must not build step N+1 before step N's tokens are back.
+        True for guided decoding (the token mask of step N+1 comes from the
+        grammar state after step N's token) and for penalties (they count the
+        generated tokens), so an overlapped (async) scheduler must not build
+        step N+1 before step N's tokens are back.
         """
-        return self.guide is not None
+        return (self.guide is not None or self.repetition_penalty != 1.0
+                or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0)
 
     @property
     def greedy(self) -> bool:

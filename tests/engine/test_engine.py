@@ -214,3 +214,40 @@ def test_bfloat16_engine_stores_kv_as_bits_and_matches_reference(model_dir):
     for i, p in enumerate(PROMPTS[:3]):
         assert outs[f"b{i}"].outputs[0].token_ids == greedy_generate(
             ref_model, p, 8, eos_token_ids=()), i
+
+
+def test_async_scheduling_matches_synchronous_steps(model_dir, engine):
+    """Overlapped steps (pending tokens fed from the device) change no output.
+
+    A mixed workload: greedy and seeded sampling, stop strings and stop ids,
+    n > 1, penalties (which force synchronous steps), prefix reuse, an abort,
+    and a page budget small enough to preempt.
+    """
+    base = run(engine, {"g": (PROMPTS[0], greedy(24))})["g"].outputs[0]
+    rng = np.random.default_rng(7)
+    reqs = {f"m{i}": (rng.integers(3, 49000, size=int(rng.integers(1, 50))).tolist(),
+                      SamplingParams(temperature=0.8, seed=i, max_tokens=int(rng.integers(1, 25))))
+            for i in range(10)}
+    reqs.update({
+        "g": (PROMPTS[0], greedy(24)), "g2": (PROMPTS[0] + [7, 8], greedy(16)),
+        "stop": (PROMPTS[0], greedy(24, stop=[base.text[6:9]])),
+        "stopid": (PROMPTS[0], greedy(24, stop_token_ids=[base.token_ids[5]])),
+        "n": (PROMPTS[1], SamplingParams(n=3, temperature=1.0, seed=3, max_tokens=9)),
+        "pen": (PROMPTS[2], greedy(12, repetition_penalty=1.3, presence_penalty=0.5)),
+        "ab": (PROMPTS[3], greedy(40)),
+    })
+    results = {}
+    for mode in (True, False):
+        eng = _engine(model_dir, async_scheduling=mode, num_pages=24, max_model_len=96)
+        results[mode] = run(eng, reqs, abort_after=("ab", 6))
+        if mode:
+            assert eng.counters["overlapped_steps"] > 0
+            assert eng.counters["preemptions"] > 0
+    for rid in reqs:
+        if rid == "ab":
+            assert results[True][rid].outputs[0].finish_reason == "abort"
+            continue
+        a, b = results[True][rid], results[False][rid]
+        assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in a.outputs] == \
+               [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in b.outputs], rid
+    assert results[True]["g"].outputs[0].token_ids == base.token_ids
