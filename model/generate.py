@@ -56,7 +56,8 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, page_
     num_pages = 2 * num_seq_pages + 1  # page 0 is the scratch page
     pages = np.random.default_rng(seed).permutation(np.arange(1, num_pages))[:num_seq_pages]
     block_table = jnp.asarray(pages[None, :], jnp.int32)  # [1, pages_per_seq]
-    dtype = jax.tree.leaves(state)[0].dtype
+    dtype = next(a.dtype for a in jax.tree.leaves(state)  # int8 weights when quantized
+                 if jnp.issubdtype(a.dtype, jnp.floating))
     kv_cache = KVCache.zeros(config.num_layers, num_pages, page_size, config.num_kv_heads,
                              config.head_dim, dtype)
 

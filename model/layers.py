@@ -15,6 +15,7 @@ import numpy as np
 from flax import nnx
 
 from model.config import RopeScaling
+from model.quant import int8_matmul
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -47,9 +48,13 @@ class Linear(nnx.Module):
                  dtype, rngs: nnx.Rngs):
         self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        self.scale = nnx.data(None)  # [out_features] f32 once quantized to int8 (model/quant.py)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        y = _matmul(x, self.kernel[...])  # [..., out_features]
+        if self.scale is not None:
+            y = int8_matmul(x, self.kernel[...], self.scale[...])
+        else:
+            y = _matmul(x, self.kernel[...])  # [..., out_features]
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -60,12 +65,21 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, hidden_size), dtype))
+        self.scale = nnx.data(None)  # [vocab_size] f32 once quantized to int8 (model/quant.py)
+        self.dtype = jnp.dtype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embedding[...], ids, axis=0)  # [T, hidden]
+        rows = jnp.take(self.embedding[...], ids, axis=0)  # [T, hidden]
+        if self.scale is not None:
+            return (rows.astype(jnp.float32)
+                    * jnp.take(self.scale[...], ids)[:, None]).astype(self.dtype)
+        return rows
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``[N, hidden] -> [N, vocab]``."""
+        if self.scale is not None:
+            return int8_matmul(x, self.embedding[...], self.scale[...], transposed=True,
+                               out_dtype=jnp.float32)
         return _matmul(x, self.embedding[...].T, out_dtype=jnp.float32)
 
 

@@ -72,6 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=None)
     g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--quantization", "-q", choices=["w8a8_int8"], default=None,
+                   help="w8a8_int8: int8 MLP/embedding/LM-head weights with per-token int8 "
+                        "activations (SGLang's name); default: none")
     g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule step N+1 while step N runs on the device (default on)")
     g.add_argument("--tensor-parallel-size", "--tp-size", "--tp", dest="tensor_parallel_size",
@@ -144,6 +147,7 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
                      enable_chunked_prefill=args.enable_chunked_prefill,
                      attention_backend=args.attention_backend,
                      async_scheduling=args.async_scheduling,
+                     quantization=args.quantization,
                      tensor_parallel_size=args.tensor_parallel_size,
                      data_parallel_size=args.data_parallel_size, seed=args.seed,
                      nnodes=args.nnodes, node_rank=args.node_rank,

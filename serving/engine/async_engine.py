@@ -234,8 +234,8 @@ class AsyncEngine:
             host = self._sleep_host_state
             if host is None:
                 from model.loader import load_model
-                host = load_model(replicas[0].model_path, dtype=replicas[0].dtype,
-                                  with_tokenizer=False).state
+                host = replicas[0].quantize(load_model(
+                    replicas[0].model_path, dtype=replicas[0].dtype, with_tokenizer=False)).state
             for r, shardings in zip(replicas, self._sleep_shardings):
                 state = jax.tree.map(jax.device_put, host, shardings)
                 r.runner.restore(state)
@@ -272,7 +272,8 @@ class AsyncEngine:
 
         replicas = self._replicas()
         try:
-            new = load_model(model_path, dtype=replicas[0].dtype, with_tokenizer=False)
+            new = replicas[0].quantize(
+                load_model(model_path, dtype=replicas[0].dtype, with_tokenizer=False))
         except FileNotFoundError:
             return False, f"Failed to get weights iterator: {model_path} (repository not found)."
         except Exception as exc:  # noqa: BLE001 - reported to the client
@@ -317,6 +318,11 @@ class AsyncEngine:
             if self._sleeping or self._replicas()[0].runner.state is None:
                 self._pending = {}
                 return False, "Failed to update weights: the engine is asleep; POST /wakeup first."
+            if self.config.quantization:
+                self._pending = {}
+                return False, ("Failed to update weights: tensor updates are not supported "
+                               f"with --quantization {self.config.quantization}; use "
+                               "/update_weights_from_disk.")
             try:
                 updates = paths_from_hf_update(self.engine.model_config, tensors)
             except (KeyError, ValueError) as exc:

@@ -126,6 +126,10 @@ class LLMEngine:
             config.model, dtype=dtype, shardings_for=self.layout.shardings_for))
         logger.info("loaded %s (%s) in %.1fs", self.loaded.path, self.loaded.format,
                     time.perf_counter() - t0)
+        if config.quantization:
+            self.loaded = self.quantize(self.loaded)
+            logger.info("quantized the MLP, embedding and LM head weights (%s)",
+                        config.quantization)
         self.model_config = self.loaded.config
         self.tokenizer = self.loaded.tokenizer
         self.model_path = str(self.loaded.path)
@@ -185,6 +189,15 @@ class LLMEngine:
                              f"max_model_len={self.max_model_len} ({pages_per_seq} pages of "
                              f"{self.page_size}); raise the memory budget or lower max_model_len")
         return pages
+
+    def quantize(self, loaded):
+        """``loaded`` with ``--quantization`` applied (itself when there is none)."""
+        if not self.config.quantization:
+            return loaded
+        from model.quant import quantize_model
+
+        graphdef, state = quantize_model(loaded.graphdef, loaded.state, self.config.quantization)
+        return dataclasses.replace(loaded, graphdef=graphdef, state=state)
 
     def _build_core(self) -> None:
         cfg = self.config

@@ -251,3 +251,13 @@ def test_async_scheduling_matches_synchronous_steps(model_dir, engine):
         assert [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in a.outputs] == \
                [(o.token_ids, o.text, o.finish_reason, o.stop_reason) for o in b.outputs], rid
     assert results[True]["g"].outputs[0].token_ids == base.token_ids
+
+
+def test_w8a8_int8_engine_matches_its_own_reference_loop(model_dir):
+    """The quantized engine batches exactly like the quantized model run alone."""
+    eng = _engine(model_dir, quantization="w8a8_int8")
+    assert eng.loaded.state["embed_tokens"]["embedding"][...].dtype == np.int8
+    outs = run(eng, {f"r{i}": (p, greedy()) for i, p in enumerate(PROMPTS)})
+    for i, p in enumerate(PROMPTS):
+        assert outs[f"r{i}"].outputs[0].token_ids == greedy_generate(
+            eng.loaded, p, 12, eos_token_ids=()), i
