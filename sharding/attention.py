@@ -5,15 +5,15 @@ the whole "write this step's K/V, then attend" block of a layer runs inside
 ``jax.shard_map`` over the ``TENSOR`` axis. Each device sees only its own
 heads:
 
-=======================  ===========================================  ================
-argument                 global shape                                 spec (split)
-=======================  ===========================================  ================
-q                        [T, Hq, D]                                   ``P(None, TENSOR, None)``
-k, v (this step's)       [T, Hkv, D]                                  ``P(None, TENSOR, None)``
-k_cache, v_cache         [layers, pages, page_size, Hkv, D]           ``P(None, None, None, TENSOR, None)``
-metadata arrays          block tables, lengths, offsets, slots        replicated ``P()``
-output                   [T, Hq, D]                                   ``P(None, TENSOR, None)``
-=======================  ===========================================  ================
+==================  ===============================  ==================================
+argument            global shape                     spec when heads are split
+==================  ===============================  ==================================
+q                   [T, Hq, D]                       ``P(None, TENSOR, None)``
+k, v (this step's)  [T, Hkv, D]                      ``P(None, TENSOR, None)``
+k_cache, v_cache    [layers, pages, page, Hkv, D]    ``P(None, None, None, TENSOR, None)``
+metadata arrays     tables, lengths, offsets, slots  replicated ``P()``
+output              [T, Hq, D]                       ``P(None, TENSOR, None)``
+==================  ===============================  ==================================
 
 Heads are split iff both the q and the KV head counts divide tp
 (``specs.heads_split``, the same rule that decides the KV cache's sharding, so

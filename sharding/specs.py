@@ -22,19 +22,19 @@ Which groups are sharded depends on divisibility (``ShardingPlan``):
   o and the KV cache are all replicated (SmolLM2's 9 q heads at tp 2/4/8:
   its attention runs replicated on every device and only MLP and vocab split).
 * k/v and the KV cache's head axis are sharded iff attention is sharded and
-  ``num_kv_heads % tp == 0``; otherwise each device holds every KV head
-  (vLLM replicates KV heads when tp exceeds their count).
+  ``num_kv_heads % tp == 0`` (``heads_split``); otherwise each device holds
+  every KV head and runs attention for every head. (vLLM instead keeps one
+  copy of a KV head per device when tp exceeds the KV head count; here the
+  whole cache is replicated, which costs memory but needs no head regrouping.)
 * the MLP is sharded iff ``intermediate_size % tp == 0``; the vocabulary iff
   ``vocab_size % tp == 0``.
 
 Row-parallel outputs are summed by an all-reduce that XLA inserts (the mesh
 axes are ``AxisType.Auto``); vocab-parallel logits are gathered the same way
-before sampling. Attention itself needs no ``shard_map`` on the XLA path: it
-is independent per head, so GSPMD propagates the head sharding from q/k/v
-through the cache write and the attention einsums with no communication. The
-Pallas kernels cannot be auto-partitioned and would need a ``shard_map`` over
-the head axis; that wrapper is not written yet, so tensor parallel is tested
-with the XLA attention backend (the CPU default).
+before sampling. Attention (the KV-cache write and the paged-attention kernel)
+runs inside ``jax.shard_map`` (``sharding/attention.py``), because the Pallas
+kernels cannot be auto-partitioned: per-shard heads when ``heads_split``,
+replicated otherwise.
 """
 
 from __future__ import annotations
