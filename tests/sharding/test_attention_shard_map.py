@@ -3,8 +3,9 @@
 One subprocess with 8 simulated CPU devices (``tp_forward.py``) runs a tiny
 random Qwen3-style model (8 q heads) with the Pallas kernels in interpret mode
 at tp 2 and 4, heads split (4 KV heads) and replicated (2 KV heads at tp 4),
-and exports the tp 4 step for TPU: the Mosaic kernels sit inside the manual
-(shard_map) computation and see the per-shard cache.
+and exports the tp steps for TPU (tp 4) and CUDA (tp 2): the Mosaic / Triton
+kernels sit inside the manual (shard_map) computation and see the per-shard
+cache.
 """
 
 from __future__ import annotations
@@ -40,12 +41,14 @@ def test_sharded_pallas_forward_matches_xla(results, case):
     assert r["kv_spec"] == ("P(None, None, None, 'tensor', None)" if split else "P()"), r
 
 
-@pytest.mark.parametrize("case,local_heads", [(CASES[1], 1), (CASES[2], 2)])
-def test_tp_step_exports_for_tpu(results, case, local_heads):
+@pytest.mark.parametrize("case,platform,local_heads", [(CASES[0], "cuda", 2),
+                                                        (CASES[1], "tpu", 1),
+                                                        (CASES[2], "tpu", 2)])
+def test_tp_step_exports(results, case, platform, local_heads):
     exp = results[case]["export"]
-    assert exp["tpu_custom_call"] > 0 and exp["manual"], exp
+    assert exp["platform"] == platform and exp["kernel_calls"] > 0 and exp["manual"], exp
     assert exp["local_kv_heads"] == local_heads and exp["local_cache_type"], exp
-    assert exp["nr_devices"] == 4
+    assert exp["nr_devices"] == int(case.split(":")[1])
 
 
 def test_heads_split_rule():

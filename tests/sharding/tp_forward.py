@@ -4,8 +4,9 @@ Run by ``test_attention_shard_map.py`` with 8 simulated CPU devices. A tiny
 random Qwen3-style model (qk-norm) runs one ragged step (a 6-token prefill, a
 3-token prefill over 2 cached tokens, a 1-token decode over 4 cached tokens)
 on a tp mesh through ``sharding.step.jit_step``, and the logits and the
-written KV cache are compared with the single-device XLA forward. Then the
-same sharded step is exported for TPU. Prints one JSON line per case.
+written KV cache are compared with the single-device XLA forward. With
+``export``, the same sharded step is exported for TPU (TPU kernels) or CUDA
+(GPU kernels). Prints one JSON line per case.
 
 Usage: ``python tests/sharding/tp_forward.py BACKEND:TP:HQ:HKV [...] [export]``
 """
@@ -25,11 +26,15 @@ from model import api as model_api
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
 from model.decoder import DecoderLM
+from pallas_kernels.export_utils import TRITON_CUSTOM_CALL, disabled_checks_for
 from sharding.layout import TensorParallelLayout, _path_keys
 from sharding.mesh import make_mesh
 from sharding.step import jit_step
 
 PAGE_SIZE, NUM_PAGES, PAGES_PER_SEQ = 8, 12, 2
+# interpret backend -> (export platform, compiled backend, kernel custom-call marker)
+EXPORT = {"pallas_tpu_interpret": ("tpu", "pallas_tpu", "tpu_custom_call"),
+          "pallas_gpu_interpret": ("cuda", "pallas_gpu", TRITON_CUSTOM_CALL)}
 
 
 def tiny_config(num_heads: int, num_kv_heads: int) -> ModelConfig:
@@ -109,19 +114,21 @@ def main(cases: list[str], export: bool) -> None:
                "kv_err": float(max(np.max(np.abs(kv.k - ref_kv.k)),
                                    np.max(np.abs(kv.v - ref_kv.v)))),
                "argmax_equal": bool((logits.argmax(-1) == ref_logits.argmax(-1)).all())}
-        if export and backend == "pallas_tpu_interpret":
+        if export and backend in EXPORT:
+            platform, target, marker = EXPORT[backend]
             fn, state_s, kv_s, ids, pos, md, _ = extra
             md = AttentionMetadata(md.block_tables, md.seq_lens, md.query_start_loc,
-                                   md.slot_mapping, md.max_q_len, "pallas_tpu")
+                                   md.slot_mapping, md.max_q_len, target)
             as_spec = lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype,  # noqa: E731
                                                      sharding=getattr(a, "sharding", None))
-            exp = jax.export.export(fn, platforms=("tpu",))(
+            exp = jax.export.export(fn, platforms=(platform,),
+                                    disabled_checks=disabled_checks_for([platform]))(
                 jax.tree.map(as_spec, state_s), jax.tree.map(as_spec, kv_s), as_spec(ids),
                 as_spec(pos), jax.tree.map(as_spec, md))
             text = exp.mlir_module()
             # the cache the kernels see inside the manual computation: per-shard heads
             local = kv_s.k.addressable_shards[0].data.shape
-            out["export"] = {"tpu_custom_call": text.count("tpu_custom_call"),
+            out["export"] = {"platform": platform, "kernel_calls": text.count(marker),
                              "manual": "manual_computation" in text,
                              "local_cache_type": "tensor<" + "x".join(map(str, local)) + "xf32>"
                              in text, "local_kv_heads": local[3],
