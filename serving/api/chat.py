@@ -165,7 +165,7 @@ def _message(role: str, echo: str, body: str, plan: ToolPlan, reason):
         content = echo + (content or "")
     return (ChatResponseMessage(role=role, content=content,
                                 tool_calls=[c.as_dict() for c in calls]),
-            finish_reason(reason, calls))
+            finish_reason(plan, reason, calls))
 
 
 async def _collect(req, gen, model, response_id, role, echo, top, text,
@@ -241,7 +241,7 @@ async def _stream(req, gen, model, response_id, role, echo, top, text, plan: Too
                 if not deltas and not o.finished:
                     continue  # held back (may be part of a call); tokens go with the next
                 deltas = deltas or [DeltaMessage(content="")]
-                reason = finish_reason(reason, ts.calls)
+                reason = finish_reason(ts.plan, reason, ts.calls)
             sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
             for k, dm in enumerate(deltas):
                 last = k == len(deltas) - 1

@@ -9,7 +9,8 @@ As vLLM does it:
   (at least one); each element becomes a tool call.
 - a named function (``{"type": "function", "function": {"name": ...}}``): the
   output is constrained to that function's parameters schema and is the call's
-  ``arguments``.
+  ``arguments``; the finish reason stays ``"stop"`` (``"tool_calls"`` is for
+  auto/required), as in vLLM and OpenAI.
 - ``"auto"`` (the default when ``tools`` is given): the output is free; a
   Hermes-style parser takes ``<tool_call>{"name": ..., "arguments": ...}</tool_call>``
   blocks (SmolLM2, Qwen, Hermes templates) or a bare JSON call
@@ -262,9 +263,14 @@ def parse_output(plan: ToolPlan, text: str) -> tuple[Optional[str], list[ToolCal
     return text, []
 
 
-def finish_reason(reason: Optional[str], calls) -> Optional[str]:
-    """``tool_calls`` when the output ended normally with calls in it."""
-    return "tool_calls" if calls and reason == "stop" else reason
+def finish_reason(plan: ToolPlan, reason: Optional[str], calls) -> Optional[str]:
+    """``tool_calls`` when an auto/required output ended normally with calls in it.
+
+    A named (forced) function keeps ``stop``, as vLLM and OpenAI answer it.
+    """
+    if calls and reason == "stop" and plan.mode in ("auto", "required"):
+        return "tool_calls"
+    return reason
 
 
 # ----------------------------------------------------------------- streaming

@@ -8,7 +8,8 @@ import pytest
 
 from serving.api.errors import APIError
 from serving.api.protocol import ChatCompletionRequest
-from serving.api.tools import ToolPlan, ToolStream, parse_auto, parse_output, plan_tools
+from serving.api.tools import (ToolPlan, ToolStream, finish_reason, parse_auto, parse_output,
+                               plan_tools)
 
 WEATHER = {"type": "function", "function": {
     "name": "get_weather", "description": "Weather in a city",
@@ -81,6 +82,17 @@ def test_required_and_named_outputs():
     assert parse_output(ToolPlan("required"), truncated) == (truncated, [])
     content, calls = parse_output(ToolPlan("named", name="get_weather"), '{"city":"Rome"}')
     assert content is None and calls[0].arguments == '{"city":"Rome"}'
+
+
+def test_finish_reason_named_is_stop():
+    """vLLM/OpenAI: a forced (named) call finishes with "stop"; auto/required with "tool_calls"."""
+    calls = [object()]
+    assert finish_reason(ToolPlan("named", name="get_weather"), "stop", calls) == "stop"
+    assert finish_reason(ToolPlan("required"), "stop", calls) == "tool_calls"
+    assert finish_reason(ToolPlan("auto"), "stop", calls) == "tool_calls"
+    assert finish_reason(ToolPlan("auto"), "stop", []) == "stop"
+    assert finish_reason(ToolPlan("required"), "length", calls) == "length"
+    assert finish_reason(ToolPlan("none"), "stop", calls) == "stop"
 
 
 def _replay(plan: ToolPlan, text: str, step: int = 3):
