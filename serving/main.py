@@ -112,8 +112,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="model task; auto: from the checkpoint's architecture")
     g.add_argument("--is-embedding", action="store_true",
                    help="SGLang spelling: serve a pooling (embedding/score) model")
-    g.add_argument("--api-dialect", default="vllm", choices=["vllm", "sglang"],
-                   help="shape of routes two sources share (/rerank: vLLM/Jina or SGLang list)")
+    g.add_argument("--api-dialect", default="vllm", choices=["vllm", "sglang", "lmdeploy"],
+                   help="shape of routes two sources share (/rerank: vLLM/Jina or SGLang list; "
+                        "/generate bodies with only shared fields: LMDeploy under lmdeploy, "
+                        "else SGLang)")
     g.add_argument("--enable-access-log", action="store_true",
                    help="log every HTTP request line (off by default)")
     return ap

@@ -36,7 +36,8 @@ class NativeState:
         weight_version: reported by ``/get_model_info``; set by weight updates.
         cache_version: bumped whenever the KV/prefix cache is flushed or rebuilt.
         api_dialect: ``--api-dialect``: "vllm" (default) or "sglang" shapes on
-            the shared rerank paths.
+            the shared rerank paths; "lmdeploy" sends ``/generate`` bodies of
+            shared fields only (``input_ids``, ...) to LMDeploy's parser.
     """
 
     running: dict[str, Any] = dataclasses.field(default_factory=dict)

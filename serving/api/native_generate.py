@@ -1,11 +1,18 @@
 """POST /generate: SGLang's body (``text``/``sampling_params``) and LMDeploy's (flat fields).
 
-Which dialect a body speaks (API_SURFACE.md): ``text`` or ``sampling_params``
--> SGLang; ``prompt`` or LMDeploy's flat fields (``max_tokens``,
-``session_id``, ...) -> LMDeploy; a body with only ``input_ids`` -> SGLang.
+Which dialect a body speaks (API_SURFACE.md, ``dialect_of``): ``text`` or
+``sampling_params`` -> SGLang; ``prompt`` or LMDeploy's flat fields
+(``max_tokens``, ``temperature``, ``session_id``, ...) -> LMDeploy; SGLang's
+``rid``/``top_logprobs_num``/``logprob_start_len``/``return_text_in_logprobs``
+-> SGLang. ``input_ids``, ``stream``, ``return_logprob`` and ``image_data`` are
+in both; a body with only those goes by ``--api-dialect`` (``lmdeploy`` ->
+LMDeploy, else SGLang).
 Both answer ``{text, output_ids, meta_info{id, finish_reason{type, ...},
 prompt_tokens, completion_tokens, cached_tokens, e2e_latency, ...}}`` (LMDeploy's
-``GenerateReqOutput`` mirrors SGLang's); a batch answers a list. Streams are
+``GenerateReqOutput`` mirrors SGLang's); a batch answers a list. Logprobs
+differ: SGLang's ``output_token_logprobs`` are ``[logprob, token_id, text|None]``
+triples (plus ``output_top_logprobs`` and the ``input_*`` lists), LMDeploy's
+``GenerateReqMetaOutput`` has ``[logprob, token_id]`` pairs only. Streams are
 SSE: SGLang sends the cumulative text and ends with ``[DONE]``, LMDeploy sends
 the new text of each chunk.
 """
@@ -29,9 +36,14 @@ from serving.engine.types import SamplingParams, ValidationError
 
 logger = logging.getLogger(__name__)
 
-LMDEPLOY_FLAT = ("prompt", "max_tokens", "session_id", "repetition_penalty", "temperature",
+# Top-level fields only one dialect's /generate body has. Both share input_ids, stream,
+# return_logprob and image_data (SGLang's sampling fields sit inside sampling_params).
+SGLANG_ONLY = ("text", "sampling_params", "rid", "top_logprobs_num", "logprob_start_len",
+               "return_text_in_logprobs")
+LMDEPLOY_ONLY = ("prompt", "max_tokens", "session_id", "repetition_penalty", "temperature",
                  "top_p", "top_k", "min_p", "stop", "stop_token_ids", "ignore_eos",
-                 "skip_special_tokens", "include_stop_str_in_output", "return_logprob")
+                 "skip_special_tokens", "spaces_between_special_tokens",
+                 "include_stop_str_in_output", "return_routed_experts", "mm_processor_kwargs")
 
 
 class _Loose(BaseModel):
@@ -119,13 +131,24 @@ class GenerateJob:
     weight_version: str = "default"
 
 
-def dialect_of(body: dict) -> str:
-    """"sglang" or "lmdeploy" for a /generate body (API_SURFACE.md rule)."""
+def dialect_of(body: dict, default: str = "sglang") -> str:
+    """"sglang" or "lmdeploy" for a /generate body.
+
+    ``text``/``sampling_params`` -> SGLang (API_SURFACE.md); then ``prompt`` or
+    a flat LMDeploy field (``max_tokens``, ``temperature``, ``session_id``, ...;
+    SGLang keeps those inside ``sampling_params``) -> LMDeploy; then an
+    SGLang-only field (``rid``, ``top_logprobs_num``, ``logprob_start_len``,
+    ``return_text_in_logprobs``) -> SGLang. A body of shared fields only
+    (``input_ids``, ``stream``, ``return_logprob``, ``image_data``) gets
+    ``default``: "lmdeploy" under ``--api-dialect lmdeploy``, else "sglang".
+    """
     if "text" in body or "sampling_params" in body:
         return "sglang"
-    if any(k in body for k in LMDEPLOY_FLAT):
+    if any(k in body for k in LMDEPLOY_ONLY):  # SGLang never has flat sampling fields
         return "lmdeploy"
-    return "sglang"
+    if any(k in body for k in SGLANG_ONLY):
+        return "sglang"
+    return default
 
 
 def _per_item(val, i: int):
@@ -283,6 +306,18 @@ def _finish_reason(comp, params: SamplingParams) -> Optional[dict]:
     return {"type": reason}
 
 
+def _lmd_pairs(positions) -> list:
+    """Engine PositionLogprobs -> LMDeploy ``[[logprob, id]]`` (the sampled token's)."""
+    pairs = []
+    for pos in positions:
+        if pos is None:
+            pairs.append(None)
+            continue
+        tid, lp = next(iter(pos.items()))
+        pairs.append([lp.logprob, tid])
+    return pairs
+
+
 def _lp_triples(state, positions, with_text: bool, top: int):
     """Engine PositionLogprobs -> SGLang ``[[logprob, id, text|None]]`` (+ top lists)."""
     tok = state.tokenizer
@@ -314,10 +349,12 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
         "weight_version": job.weight_version,
     }
     if job.return_logprob and comp.logprobs is not None:
-        chosen, tops = _lp_triples(state, comp.logprobs, job.return_text_in_logprobs,
-                                   job.top_logprobs_num)
-        meta["output_token_logprobs"] = chosen
-        if job.dialect == "sglang":
+        if job.dialect == "lmdeploy":  # GenerateReqMetaOutput: (logprob, token_id)
+            meta["output_token_logprobs"] = _lmd_pairs(comp.logprobs)
+        else:
+            chosen, tops = _lp_triples(state, comp.logprobs, job.return_text_in_logprobs,
+                                       job.top_logprobs_num)
+            meta["output_token_logprobs"] = chosen
             meta["output_top_logprobs"] = tops
     if job.input_logprobs and out.prompt_logprobs is not None:
         first = out.prompt_token_ids[0]

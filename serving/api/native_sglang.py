@@ -46,7 +46,8 @@ def register(app: Quart, state: ServerState) -> None:
         require_task(state, "/generate", "generate")
         check_awake(state)
         base = state.request_id()
-        if dialect_of(body) == "lmdeploy":
+        tie = "lmdeploy" if native.api_dialect == "lmdeploy" else "sglang"
+        if dialect_of(body, tie) == "lmdeploy":
             job = parse_lmdeploy(state, body, base)
         else:
             job = parse_sglang(state, body, base)

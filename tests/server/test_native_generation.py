@@ -111,6 +111,40 @@ def test_lmdeploy_generate(client):
     assert client.post("/abort_request", json={"rid": "nothing", "abort_all": True}).json() == {}
 
 
+def test_dialect_of_uses_fields_only_one_dialect_has():
+    from serving.api.native_generate import dialect_of
+    sgl = {"input_ids": [1, 2], "return_logprob": True, "top_logprobs_num": 2}
+    assert dialect_of(sgl) == "sglang"  # return_logprob is SGLang's too
+    assert dialect_of(sgl, "lmdeploy") == "sglang"  # top_logprobs_num decides, not the flag
+    assert dialect_of({"input_ids": [1], "rid": "r", "logprob_start_len": 0}) == "sglang"
+    assert dialect_of({"text": "hi", "max_tokens": 3}) == "sglang"
+    lmd = {"input_ids": [1, 2], "max_tokens": 4, "return_logprob": True}
+    assert dialect_of(lmd) == "lmdeploy" and dialect_of({"prompt": "hi"}) == "lmdeploy"
+    assert dialect_of({"input_ids": [1], "session_id": 3}, "sglang") == "lmdeploy"
+    shared = {"input_ids": [1, 2], "return_logprob": True, "stream": False}
+    assert dialect_of(shared) == "sglang" and dialect_of(shared, "lmdeploy") == "lmdeploy"
+
+
+def test_generate_logprob_shapes_per_dialect(client):
+    ids = client.post("/tokenize", json={"prompt": GREEDY["text"]}).json()["tokens"]
+    # SGLang: input_ids + return_logprob + top_logprobs_num -> triples and top lists
+    sgl = client.post("/generate", json={"input_ids": ids, "return_logprob": True,
+                                         "top_logprobs_num": 2}).json()["meta_info"]
+    assert sgl["output_token_logprobs"] and len(sgl["output_top_logprobs"][0]) == 2
+    logprob, tid, text = sgl["output_token_logprobs"][0]
+    assert logprob <= 0 and isinstance(tid, int) and text is None
+    # LMDeploy: GenerateReqMetaOutput's (logprob, token_id) pairs, no top lists
+    for body in ({"prompt": GREEDY["text"]}, {"input_ids": ids}):
+        out = client.post("/generate", json={**body, "max_tokens": 4, "temperature": 0,
+                                             "return_logprob": True}).json()
+        meta = out["meta_info"]
+        pairs = meta["output_token_logprobs"]
+        assert len(pairs) == 4 and all(len(p) == 2 for p in pairs), pairs
+        assert [p[1] for p in pairs] == out["output_ids"]
+        assert all(isinstance(p[0], float) and p[0] <= 0 for p in pairs)
+        assert "output_top_logprobs" not in meta
+
+
 def test_abort_a_running_request(client):
     def start():
         return client.post("/generate", json={"text": "Count to one hundred:", "rid": "long-1",
