@@ -14,7 +14,7 @@ differ: SGLang's ``output_token_logprobs`` are ``[logprob, token_id, text|None]`
 triples (plus ``output_top_logprobs`` and the ``input_*`` lists), LMDeploy's
 ``GenerateReqMetaOutput`` has ``[logprob, token_id]`` pairs only. Streams are
 SSE: SGLang sends the cumulative text and ends with ``[DONE]``, LMDeploy sends
-the new text of each chunk.
+the new text, ``output_ids`` and logprobs of each chunk.
 """
 
 from __future__ import annotations
@@ -337,8 +337,12 @@ def _lp_triples(state, positions, with_text: bool, top: int):
 
 
 def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: float,
-                text: Optional[str] = None) -> dict:
-    """One ``{text, output_ids, meta_info}`` object."""
+                text: Optional[str] = None, first_token: int = 0) -> dict:
+    """One ``{text, output_ids, meta_info}`` object.
+
+    ``text``/``first_token``: an LMDeploy stream chunk's new text and the index
+    of its first new token (its ``output_ids`` and logprobs are the new ones).
+    """
     meta: dict[str, Any] = {
         "id": rid,
         "finish_reason": _finish_reason(comp, params),
@@ -350,7 +354,7 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
     }
     if job.return_logprob and comp.logprobs is not None:
         if job.dialect == "lmdeploy":  # GenerateReqMetaOutput: (logprob, token_id)
-            meta["output_token_logprobs"] = _lmd_pairs(comp.logprobs)
+            meta["output_token_logprobs"] = _lmd_pairs(comp.logprobs[first_token:])
         else:
             chosen, tops = _lp_triples(state, comp.logprobs, job.return_text_in_logprobs,
                                        job.top_logprobs_num)
@@ -363,8 +367,8 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
         first_text = state.tokenizer.decode([first]) if job.return_text_in_logprobs else None
         meta["input_token_logprobs"] = [[None, first, first_text]] + chosen
         meta["input_top_logprobs"] = [None] + tops
-    return {"text": comp.text if text is None else text, "output_ids": list(comp.token_ids),
-            "meta_info": meta}
+    return {"text": comp.text if text is None else text,
+            "output_ids": list(comp.token_ids[first_token:]), "meta_info": meta}
 
 
 async def run_generate(state, native: NativeState, job: GenerateJob):
@@ -402,16 +406,16 @@ async def run_generate(state, native: NativeState, job: GenerateJob):
 
 
 async def _stream(state, job: GenerateJob, gen: Generation, start: float, release):
-    sent: dict[tuple[int, int], int] = {}
+    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, choice) -> (chars, tokens)
     try:
         async for i, out in gen.outputs():
             for comp in out.outputs:
                 rid = job.rids[i] if len(out.outputs) == 1 else f"{job.rids[i]}-{comp.index}"
-                if job.dialect == "lmdeploy":
-                    done = sent.get((i, comp.index), 0)
-                    text = comp.text[done:]
-                    sent[(i, comp.index)] = len(comp.text)
-                    obj = result_dict(state, job, rid, out, comp, job.params[i], start, text)
+                if job.dialect == "lmdeploy":  # each chunk: the new text, ids and logprobs
+                    done, first = sent.get((i, comp.index), (0, 0))
+                    sent[(i, comp.index)] = (len(comp.text), len(comp.token_ids))
+                    obj = result_dict(state, job, rid, out, comp, job.params[i], start,
+                                      comp.text[done:], first)
                 else:
                     obj = result_dict(state, job, rid, out, comp, job.params[i], start)
                     obj["index"] = i

@@ -143,6 +143,14 @@ def test_generate_logprob_shapes_per_dialect(client):
         assert [p[1] for p in pairs] == out["output_ids"]
         assert all(isinstance(p[0], float) and p[0] <= 0 for p in pairs)
         assert "output_top_logprobs" not in meta
+    # an LMDeploy stream: each chunk carries its new ids and their pairs
+    with client.stream("POST", "/generate", json={"input_ids": ids, "max_tokens": 4,
+                                                  "temperature": 0, "return_logprob": True,
+                                                  "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+    got = [i for c in chunks for i in c["output_ids"]]
+    pairs = [p for c in chunks for p in c["meta_info"].get("output_token_logprobs") or []]
+    assert got == out["output_ids"] and [p[1] for p in pairs] == got
 
 
 def test_abort_a_running_request(client):
