@@ -352,7 +352,8 @@ class LLMEngine:
         for seq in samplers:
             p = seq.params
             # a pending token only where another step surely follows it
-            is_pending = (not sync_next and seq.num_output_tokens + 1 < p.max_tokens
+            is_pending = (not sync_next and handle.feeds(seq.seq_id)
+                          and seq.num_output_tokens + 1 < p.max_tokens
                           and seq.num_tokens + 1 < self.max_model_len)
             if is_pending:
                 seq.append_token(PENDING_TOKEN)

@@ -9,6 +9,7 @@ of several tokens. Each call runs a jitted program for a bucketed shape
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import time
 from functools import partial
@@ -174,7 +175,9 @@ class ModelRunner:
                 calls.append((chunk, self._launch(chunk, decode=True, prev=prev)))
         for it in prefill:
             calls.append(([it], self._launch([it], decode=False, prev=prev)))
-        return StepHandle(calls)
+        # only a lone decode call feeds the next step (max_num_seqs fits one bucket)
+        single = decode and len(decode) <= self.plan.decode_seqs[-1]
+        return StepHandle(calls, calls[0] if single else None)
 
     def collect(self, handle: "StepHandle") -> dict[int, ItemResult]:
         """Waits for a launched step; returns results keyed by seq_id."""
@@ -191,15 +194,14 @@ class ModelRunner:
         if prev is None:
             raise ValueError("a pending token needs the previous step's output")
         src = np.full(input_ids.shape, -1, np.int32)
-        where = prev.flat_index()
         row_of = {}
         cursor = 0
         for it in items:
             cursor += len(it.token_ids)
             row_of[cursor - 1] = it.seq_id  # only a sequence's last token can be pending
         for pos in pending:
-            src[pos] = where[row_of[int(pos)]]
-        return _fill_pending(input_ids, src, prev.token_arrays())
+            src[pos] = prev.decode_rows[row_of[int(pos)]]
+        return _fill_pending(input_ids, src, prev.decode_tokens)
 
     def _launch(self, items: list[StepItem], decode: bool, prev=None):
         ps = self.page_size
@@ -343,27 +345,32 @@ class StepHandle:
     """A launched step: ``(items, device outputs)`` per compiled call, not yet read."""
 
     calls: list
+    decode: Optional[tuple] = None  # (items, device outputs) of the decode call
 
-    def token_arrays(self) -> tuple:
-        """The device arrays of sampled tokens, one per call: ([S_call] i32, ...)."""
-        return tuple(out[0].tokens for _, out in self.calls)
+    @property
+    def decode_tokens(self) -> jax.Array:
+        """[S] i32 device array of the decode call's sampled tokens."""
+        return self.decode[1][0].tokens
 
-    def flat_index(self) -> dict[int, int]:
-        """seq_id -> row in the concatenation of ``token_arrays()``."""
-        index, offset = {}, 0
-        for (chunk, out) in self.calls:
-            for row, it in enumerate(chunk):
-                if it.sample:
-                    index[it.seq_id] = offset + row
-            offset += out[0].tokens.shape[0]
-        return index
+    def feeds(self, seq_id: int) -> bool:
+        """Whether the next step can take this sequence's token from the device.
+
+        Only tokens of the decode call are fed forward, so the gather has one
+        input of a bucketed shape (a handful of tiny programs); a sequence
+        sampled by a prefill call waits one step for its first token.
+        """
+        return self.decode is not None and seq_id in self.decode_rows
+
+    @functools.cached_property
+    def decode_rows(self) -> dict[int, int]:
+        """seq_id -> row of ``decode_tokens``."""
+        return {it.seq_id: row for row, it in enumerate(self.decode[0])} if self.decode else {}
 
 
 @jax.jit
-def _fill_pending(input_ids, src, token_arrays):
-    """input_ids [T] with ``src >= 0`` positions replaced by ``concat(token_arrays)[src]``."""
-    prev = jnp.concatenate(token_arrays)
-    return jnp.where(src >= 0, prev[jnp.clip(src, 0)], input_ids)
+def _fill_pending(input_ids, src, prev_tokens):
+    """input_ids [T] with ``src >= 0`` positions replaced by ``prev_tokens[src]``."""
+    return jnp.where(src >= 0, prev_tokens[jnp.clip(src, 0)], input_ids)
 
 
 def _default_sampling(num_seqs: int, vocab: int) -> SamplingTensors:
