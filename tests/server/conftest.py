@@ -108,3 +108,18 @@ def backend_params():
     """``fake`` always; ``real`` marked slow."""
     return [pytest.param("fake", id="fake"),
             pytest.param("real", id="real", marks=pytest.mark.slow)]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """The official ``openai`` client on the module's ``server`` (modules may override)."""
+    import openai
+
+    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
+                         timeout=300)
+
+
+@pytest.fixture(scope="module")
+def model(client):
+    """The served model name, from ``/v1/models``."""
+    return client.models.list().data[0].id

@@ -12,7 +12,6 @@ import json
 import re
 
 import httpx
-import openai
 import pytest
 
 from tests.server.conftest import launch
@@ -41,17 +40,6 @@ ASK = [{"role": "user", "content": "What is the weather like in Paris today?"}]
 def server():
     with launch("real") as s:
         yield s
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
 
 
 def validate(obj, schema):

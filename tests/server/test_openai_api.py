@@ -19,17 +19,6 @@ def server(request):
         yield s
 
 
-@pytest.fixture(scope="module")
-def client(server):
-    return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0,
-                         timeout=300)
-
-
-@pytest.fixture(scope="module")
-def model(client):
-    return client.models.list().data[0].id
-
-
 def _count(server, text: str) -> int:
     return httpx.post(f"{server.url}/tokenize", json={"prompt": text}).json()["count"]
 
