@@ -17,6 +17,7 @@ from typing import Optional
 
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine, build_engine
+from serving.engine.loop_thread import LoopThread
 from serving.engine.types import (EngineNotReadyError, EngineOverloadedError, RequestOutput,
                                   SamplingParams, ValidationError)
 
@@ -62,7 +63,7 @@ class RequestStream:
         self.abort()
 
 
-class AsyncEngine:
+class AsyncEngine(LoopThread):
     """Runs ``LLMEngine`` on its own thread and streams outputs to asyncio."""
 
     def __init__(self, config: EngineConfig, engine: Optional[LLMEngine] = None):
@@ -71,10 +72,7 @@ class AsyncEngine:
         self.engine = engine or build_engine(config)
         self._streams: dict[str, RequestStream] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._thread: Optional[threading.Thread] = None
-        self._wake = threading.Event()
-        self._stop = False
-        self._ready = False
+        self._init_loop()
         self._sleeping = False
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # serializes tensor updates
@@ -105,9 +103,7 @@ class AsyncEngine:
         self._loop = asyncio.get_running_loop()
         if self.config.precompile:
             await asyncio.to_thread(self.engine.runner.precompile)
-        self._thread = threading.Thread(target=self._run, name="engine-loop", daemon=True)
-        self._thread.start()
-        self._ready = True
+        self._start_loop("engine-loop")
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> RequestStream:
@@ -171,13 +167,6 @@ class AsyncEngine:
                 continue
             if outputs and self._loop is not None:
                 self._loop.call_soon_threadsafe(self._deliver, outputs)
-
-    async def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
-        self._ready = False
 
     # ---- sleep / wake-up and weight updates (native admin routes) ------------------
     def is_sleeping(self) -> bool:

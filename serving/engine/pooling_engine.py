@@ -24,11 +24,12 @@ import dataclasses
 import json
 import logging
 import os
-import threading
 import time
 from typing import Any, Optional
 
 import numpy as np
+
+from serving.engine.loop_thread import LoopThread
 
 logger = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ class _Job:
     loop: asyncio.AbstractEventLoop
 
 
-class PoolingEngine:
+class PoolingEngine(LoopThread):
     """Runs a BERT-family encoder for embedding, scoring and classification.
 
     Args:
@@ -124,10 +125,7 @@ class PoolingEngine:
         self.max_batch_size = max_batch_size
         self.id2label = dict(self.loaded.id2label)
         self._queue: collections.deque[_Job] = collections.deque()
-        self._wake = threading.Event()
-        self._stop = False
-        self._ready = False
-        self._thread: Optional[threading.Thread] = None
+        self._init_loop()
         self._counters = collections.Counter()
         self._last_step = 0.0
 
@@ -140,17 +138,8 @@ class PoolingEngine:
 
     async def start(self) -> None:
         """Compiles the smallest bucket (a warm-up) and starts the worker thread."""
-        self._thread = threading.Thread(target=self._run, name="pooling-loop", daemon=True)
-        self._thread.start()
-        self._ready = True
+        self._start_loop("pooling-loop")
         await self.health_check()
-
-    async def shutdown(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10)
-        self._ready = False
 
     def add_request(self, *args, **kwargs):
         raise ValueError(f"This server runs a pooling model ({self.task}: {self.model_path}); "
