@@ -60,16 +60,29 @@ class WeightShapeError(ValueError):
                          "from the model config")
 
 
-class MissingWeightError(KeyError):
-    """The checkpoint lacks tensors the model config needs."""
+class _NamesError(KeyError):
+    """A KeyError about a list of tensor names; shows the first ``_SHOWN`` of them."""
+
+    _SHOWN = 8
 
     def __init__(self, names: list[str]):
         self.names = names
-        shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-        super().__init__(f"checkpoint is missing {len(names)} tensor(s) the config needs: {shown}")
+        n = self._SHOWN
+        shown = ", ".join(names[:n]) + (f", ... ({len(names)} in all)" if len(names) > n else "")
+        super().__init__(self._message(shown))
+
+    def _message(self, shown: str) -> str:
+        raise NotImplementedError
 
     def __str__(self):
         return self.args[0]
+
+
+class MissingWeightError(_NamesError):
+    """The checkpoint lacks tensors the model config needs."""
+
+    def _message(self, shown: str) -> str:
+        return f"checkpoint is missing {len(self.names)} tensor(s) the config needs: {shown}"
 
 
 @functools.lru_cache(maxsize=16)
@@ -129,16 +142,13 @@ def pure_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
     return pure
 
 
-class UnknownWeightError(KeyError):
+class UnknownWeightError(_NamesError):
     """A tensor name that no parameter of the model config answers to."""
 
-    def __init__(self, names: list[str]):
-        self.names = names
-        shown = ", ".join(names[:5]) + (f", ... ({len(names)} in all)" if len(names) > 5 else "")
-        super().__init__(f"unknown parameter name(s) for this model: {shown}")
+    _SHOWN = 5
 
-    def __str__(self):
-        return self.args[0]
+    def _message(self, shown: str) -> str:
+        return f"unknown parameter name(s) for this model: {shown}"
 
 
 # names a checkpoint may carry that no parameter needs (vLLM/LMDeploy skip them too)
