@@ -4,8 +4,11 @@ Backends (the values of the server's ``--attention-backend`` flag):
 
 * ``"auto"``: the platform of the default JAX backend picks — ``tpu`` ->
   ``"pallas_tpu"``, ``gpu``/``cuda``/``rocm`` -> ``"pallas_gpu"``, anything else
-  (CPU) -> ``"xla"``.
+  (CPU) -> ``"cpu"`` where its kernel builds, else ``"xla"``.
 * ``"xla"``: the pure-jnp reference (``reference.py``).
+* ``"cpu"``: the C++ FFI kernel (``cpu_attention.py``), which reads KV pages
+  in place; cache dtypes it does not take go to the reference. The KV write
+  is the reference's in-place scatter.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the Pallas kernels, compiled for the
   device (Mosaic / Triton).
 * ``"pallas_tpu_interpret"`` / ``"pallas_gpu_interpret"``: the same kernel
@@ -30,7 +33,7 @@ from pallas_kernels.reference import ragged_paged_attention_ref, write_kv_ref
 
 logger = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "xla", "pallas_tpu", "pallas_gpu",
+BACKENDS = ("auto", "xla", "cpu", "pallas_tpu", "pallas_gpu",
             "pallas_tpu_interpret", "pallas_gpu_interpret")
 
 
@@ -49,7 +52,8 @@ def resolve_backend(backend: str = "auto") -> str:
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
-    return "xla"
+    from pallas_kernels import cpu_attention
+    return "cpu" if cpu_attention.available() else "xla"
 
 
 def _tpu_context(backend: str):
@@ -81,6 +85,11 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens,
     kwargs = dict(max_q_len=max_q_len, sm_scale=sm_scale,
                   sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
+    if backend == "cpu":
+        from pallas_kernels import cpu_attention
+        if cpu_attention.supports(q, k_cache):
+            return cpu_attention.ragged_paged_attention_cpu(*args, **kwargs)
+        backend = "xla"
     if backend == "xla":
         return ragged_paged_attention_ref(*args, **kwargs)
     if backend.startswith("pallas_tpu"):

@@ -71,7 +71,10 @@ def build_parser() -> argparse.ArgumentParser:
                    action="store_false", help="SGLang spelling of --no-enable-prefix-caching")
     g.add_argument("--enable-chunked-prefill", action=argparse.BooleanOptionalAction,
                    default=None)
-    g.add_argument("--attention-backend", default="auto")
+    g.add_argument("--attention-backend", default="auto",
+                   help="auto, xla, cpu, pallas_tpu, pallas_gpu (or *_interpret); auto: Pallas on "
+                        "TPU/GPU, the C++ kernel on CPU (the pure-JAX reference xla if it "
+                        "cannot build)")
     g.add_argument("--quantization", "-q", choices=["w8a8_int8"], default=None,
                    help="w8a8_int8: int8 MLP/embedding/LM-head weights with per-token int8 "
                         "activations (SGLang's name); default: none")

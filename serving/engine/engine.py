@@ -224,7 +224,7 @@ class LLMEngine:
         from pallas_kernels.reference import BF16_STORAGE
 
         kv_dtype = jnp.dtype(self.dtype)
-        if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) == "xla":
+        if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) in ("xla", "cpu"):
             kv_dtype = jnp.dtype(BF16_STORAGE)  # in-place scatter on CPU (reference.py)
         self.runner = ModelRunner(
             self.loaded.graphdef, self.loaded.state, self.model_config,

@@ -139,7 +139,7 @@ def test_dispatch_under_jit(backend):
 
 
 def test_resolve_backend():
-    assert dispatch.resolve_backend("auto") == "xla"  # CPU here
+    assert dispatch.resolve_backend("auto") in ("cpu", "xla")  # CPU here (xla: no compiler)
     assert dispatch.resolve_backend("pallas_gpu") == "pallas_gpu"
     with pytest.raises(ValueError, match="unknown attention backend"):
         dispatch.resolve_backend("flash")
