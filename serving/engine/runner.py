@@ -126,12 +126,25 @@ class ModelRunner:
 
     # ---- compilation ------------------------------------------------------
     def precompile(self) -> float:
-        """Compiles every bucket with default sampling flags; returns seconds."""
+        """Compiles every bucket with default sampling flags; returns seconds.
+
+        Each bucket is *run* once on dummy inputs (padding only: every write
+        goes to the scratch page): ``jit(f).lower(...).compile()`` alone does
+        not fill jit's dispatch cache, so the first real step of each bucket
+        would trace, lower and load it again (~1 s per bucket for SmolLM2,
+        seen as multi-second stalls under load). Multi-host steps (which need
+        every process) are only lowered and compiled here.
+        """
         total = 0.0
+        run = not hasattr(self._step, "leader")
         for kind, size, pages in self.plan.all_shapes():
             t0 = time.perf_counter()
             args = self._dummy_args(kind, size, pages)
-            self._step.lower(self.state, self.kv, *args).compile()
+            if run:
+                *out, self.kv = self._step(self.state, self.kv, *args)
+                jax.block_until_ready(out)
+            else:
+                self._step.lower(self.state, self.kv, *args).compile()
             dt = time.perf_counter() - t0
             self.compile_seconds[(kind, size, pages)] = dt
             total += dt
@@ -140,18 +153,19 @@ class ModelRunner:
         return total
 
     def _dummy_args(self, kind: str, size: int, pages: int):
+        """Host inputs of a padding-only step, typed exactly as ``_launch`` builds them."""
         num_seqs = size if kind == "decode" else 1
         num_tokens = size
         md = AttentionMetadata(
-            block_tables=jnp.zeros((num_seqs, pages), jnp.int32),
-            seq_lens=jnp.zeros((num_seqs,), jnp.int32),
-            query_start_loc=jnp.zeros((num_seqs + 1,), jnp.int32),
-            slot_mapping=jnp.zeros((num_tokens,), jnp.int32),
+            block_tables=np.zeros((num_seqs, pages), np.int32),
+            seq_lens=np.zeros((num_seqs,), np.int32),
+            query_start_loc=np.zeros((num_seqs + 1,), np.int32),
+            slot_mapping=np.zeros((num_tokens,), np.int32),
             max_q_len=1 if kind == "decode" else size,
             attention_backend=self.attention_backend)
         st = _default_sampling(num_seqs, self.vocab_size)
-        return (jnp.zeros((num_tokens,), jnp.int32), jnp.zeros((num_tokens,), jnp.int32), md,
-                jnp.zeros((num_seqs,), jnp.int32), st)
+        return (jnp.zeros((num_tokens,), jnp.int32), np.zeros((num_tokens,), np.int32), md,
+                np.zeros((num_seqs,), np.int32), st)
 
     # ---- execution --------------------------------------------------------
     def execute(self, items: list[StepItem]) -> dict[int, ItemResult]:
@@ -190,7 +204,9 @@ class ModelRunner:
         """Host ids, or a device array with the pending tokens gathered from ``prev``."""
         pending = np.flatnonzero(input_ids == PENDING_TOKEN)
         if pending.size == 0:
-            return input_ids
+            # A device array either way: numpy and jax arguments are different
+            # jit cache entries, and precompile warms the jax one.
+            return jnp.asarray(input_ids)
         if prev is None:
             raise ValueError("a pending token needs the previous step's output")
         src = np.full(input_ids.shape, -1, np.int32)

@@ -261,3 +261,22 @@ def test_w8a8_int8_engine_matches_its_own_reference_loop(model_dir):
     for i, p in enumerate(PROMPTS):
         assert outs[f"r{i}"].outputs[0].token_ids == greedy_generate(
             eng.loaded, p, 12, eos_token_ids=()), i
+
+
+def test_precompile_warms_every_bucket_so_steps_never_trace(model_dir):
+    """Start-up runs each bucket once, so serving finds them all in jit's cache.
+
+    (``lower().compile()`` alone fills only the persistent cache: the first
+    real step of each bucket used to trace and lower again.)
+    """
+    eng = _engine(model_dir, decode_buckets=(1, 8), prefill_buckets=(16, 32))
+    eng.runner.precompile()
+    warmed = eng.runner._step._cache_size()
+    assert warmed == len(eng.plan.all_shapes())
+    assert eng.block_manager.num_free_pages == eng.block_manager.num_usable_pages
+    prompts = [list(range(10, 10 + n)) for n in (3, 20, 31, 9, 17)]
+    outs = run(eng, {f"w{i}": (p, greedy(40)) for i, p in enumerate(prompts)})
+    for i, p in enumerate(prompts):  # the warm-up runs left no trace in the cache
+        assert outs[f"w{i}"].outputs[0].token_ids == greedy_generate(
+            eng.loaded, p, 40, eos_token_ids=())
+    assert eng.runner._step._cache_size() == warmed
