@@ -16,6 +16,7 @@ from flax import nnx
 
 from model.config import RopeScaling
 from model.quant import int8_matmul
+from pallas_kernels.cpu_int8 import int8_matmul_cpu
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -49,9 +50,13 @@ class Linear(nnx.Module):
         self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), dtype))
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
         self.scale = nnx.data(None)  # [out_features] f32 once quantized to int8 (model/quant.py)
+        self.colsum = nnx.data(None)  # int32 column sums once packed for the CPU int8 kernel
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.scale is not None:
+        if self.colsum is not None:  # kernel packed: [out/16, in/4, 64] int8
+            y = int8_matmul_cpu(x, self.kernel[...], self.colsum[...],
+                                self.scale[...]).astype(x.dtype)
+        elif self.scale is not None:
             y = int8_matmul(x, self.kernel[...], self.scale[...])
         else:
             y = _matmul(x, self.kernel[...])  # [..., out_features]
@@ -66,6 +71,8 @@ class Embedding(nnx.Module):
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, hidden_size), dtype))
         self.scale = nnx.data(None)  # [vocab_size] f32 once quantized to int8 (model/quant.py)
+        self.packed = nnx.data(None)  # the int8 table packed for the CPU kernel (tied LM head)
+        self.colsum = nnx.data(None)
         self.dtype = jnp.dtype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
@@ -77,6 +84,8 @@ class Embedding(nnx.Module):
 
     def attend(self, x: jax.Array) -> jax.Array:
         """Tied output projection: ``[N, hidden] -> [N, vocab]``."""
+        if self.packed is not None:
+            return int8_matmul_cpu(x, self.packed[...], self.colsum[...], self.scale[...])
         if self.scale is not None:
             return int8_matmul(x, self.embedding[...], self.scale[...], transposed=True,
                                out_dtype=jnp.float32)
@@ -163,10 +172,19 @@ class MLP(nnx.Module):
     def __init__(self, hidden_size: int, intermediate_size: int, *, hidden_act: str,
                  dtype, rngs: nnx.Rngs):
         self.hidden_act = hidden_act
+        self.intermediate_size = intermediate_size
         self.gate_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
         self.up_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
         self.down_proj = Linear(intermediate_size, hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
+        # [hidden, 2 * intermediate] gate|up in one Linear, set by model/quant.py
+        # for the CPU int8 kernel (one call, one activation quantization).
+        self.gate_up = nnx.data(None)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         act = activation(self.hidden_act)
-        return self.down_proj(act(self.gate_proj(x)) * self.up_proj(x))  # [T, hidden]
+        if self.gate_up is not None:
+            h = self.gate_up(x)  # [T, 2 * intermediate]
+            gate, up = h[..., :self.intermediate_size], h[..., self.intermediate_size:]
+        else:
+            gate, up = self.gate_proj(x), self.up_proj(x)
+        return self.down_proj(act(gate) * up)  # [T, hidden]

@@ -77,20 +77,31 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *,
     return y[:rows].reshape(*lead, -1).astype(out_dtype)
 
 
-def _quantize_linear(module) -> None:
+def _quantize_linear(module, packed: bool) -> None:
     q, s = quantize_weight(module.kernel[...], axis=0)
+    if packed:
+        from pallas_kernels.cpu_int8 import pack_int8_weight
+
+        q, colsum = pack_int8_weight(q)
+        module.colsum = nnx.Param(colsum)
     module.kernel = nnx.Param(q)
     module.scale = nnx.Param(s)
 
 
-def quantize_model(graphdef: nnx.GraphDef, state: nnx.State,
-                   method: str) -> tuple[nnx.GraphDef, nnx.State]:
+def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
+                   packed: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """Quantizes a decoder's MLPs, embedding table and LM head in place.
 
     The attention projections keep their float weights: their inputs carry
     the outlier channels that per-token int8 activations handle worst
     (quantizing them too took SmolLM2's worst-position logit cosine from 0.985
     to 0.84), and they are only ~20% of the weight bytes.
+
+    Args:
+      packed: store the int8 kernels in the CPU FFI kernel's layout
+        (``pallas_kernels/cpu_int8.py``; unsharded CPU weights only) instead
+        of ``[in, out]`` for XLA's dot. The tied embedding keeps its table
+        for lookups and gains a packed copy for the LM head.
 
     Returns the new ``(graphdef, state)``: each quantized module holds an int8
     weight plus a float32 ``scale`` and its ``__call__`` takes the int8 path.
@@ -103,14 +114,28 @@ def quantize_model(graphdef: nnx.GraphDef, state: nnx.State,
         raise ValueError(f"unknown quantization {method!r}; choose from {QUANTIZATIONS}")
     model = nnx.merge(graphdef, state)
     for layer in model.layers:
-        for _, module in nnx.iter_modules(layer.mlp):
+        mlp = layer.mlp
+        if packed and mlp.gate_up is None and mlp.gate_proj.scale is None:
+            # gate|up as one [hidden, 2 * intermediate] kernel (per-column
+            # scales, so each half quantizes exactly as it would alone).
+            fused = mlp.gate_proj
+            fused.kernel = nnx.Param(jnp.concatenate(
+                [mlp.gate_proj.kernel[...], mlp.up_proj.kernel[...]], axis=1))
+            mlp.gate_up, mlp.gate_proj, mlp.up_proj = fused, None, None
+        for _, module in nnx.iter_modules(mlp):
             if isinstance(module, Linear) and module.scale is None:
-                _quantize_linear(module)
+                _quantize_linear(module, packed)
     if model.lm_head is not None and model.lm_head.scale is None:
-        _quantize_linear(model.lm_head)
+        _quantize_linear(model.lm_head, packed)
     emb = model.embed_tokens
     if emb.scale is None:
         q, s = quantize_weight(emb.embedding[...], axis=1)
         emb.embedding = nnx.Param(q)
         emb.scale = nnx.Param(s)
+        if packed and model.lm_head is None:
+            from pallas_kernels.cpu_int8 import pack_int8_weight
+
+            lm_packed, colsum = pack_int8_weight(q.T)
+            emb.packed = nnx.Param(lm_packed)
+            emb.colsum = nnx.Param(colsum)
     return nnx.split(model)

@@ -18,14 +18,12 @@
 // depends only on its own rows, so results do not depend on the batch.
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <thread>
 #include <vector>
 
+#include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -183,23 +181,6 @@ void run_item(const Problem& p, int64_t item) {
       }
 }
 
-// Items are claimed from a shared counter by the calling thread and by tasks
-// on XLA's pool; the caller waits only for items already claimed, so a pool
-// that never runs our tasks (all threads busy) cannot deadlock us.
-struct Shared {
-  Problem p;
-  int64_t num_items;
-  std::atomic<int64_t> next{0};
-  std::atomic<int64_t> done{0};
-  void drain() {
-    int64_t i;
-    while ((i = next.fetch_add(1)) < num_items) {
-      run_item(p, i);
-      done.fetch_add(1, std::memory_order_release);
-    }
-  }
-};
-
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
                               ffi::AnyBuffer k_cache, ffi::AnyBuffer v_cache,
                               ffi::Buffer<ffi::S32> layer, ffi::Buffer<ffi::S32> block_tables,
@@ -218,8 +199,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   if (v_cache.element_type() != kt)
     return ffi::Error::InvalidArgument("paged_attention_cpu: k/v cache dtypes differ");
 
-  auto shared = std::make_shared<Shared>();
-  Problem& p = shared->p;
+  Problem p;
   p.q = q.typed_data();
   p.k = k_cache.untyped_data();
   p.v = v_cache.untyped_data();
@@ -257,12 +237,9 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   const bool split_heads = p.num_seqs * p.qblocks_per_seq < 2 * threads;
   p.heads_per_chunk = split_heads ? 1 : p.num_kv_heads;
   p.head_chunks = p.num_kv_heads / p.heads_per_chunk;
-  shared->num_items = p.num_seqs * p.qblocks_per_seq * p.head_chunks;
+  const int64_t num_items = p.num_seqs * p.qblocks_per_seq * p.head_chunks;
 
-  const int64_t helpers = std::min<int64_t>(threads, shared->num_items) - 1;
-  for (int64_t i = 0; i < helpers; ++i) pool.Schedule([shared] { shared->drain(); });
-  shared->drain();
-  while (shared->done.load(std::memory_order_acquire) < shared->num_items) std::this_thread::yield();
+  jax_serve::parallel_for(pool, num_items, [p](int64_t i) { run_item(p, i); });
   return ffi::Error::Success();
 }
 

@@ -196,7 +196,14 @@ class LLMEngine:
             return loaded
         from model.quant import quantize_model
 
-        graphdef, state = quantize_model(loaded.graphdef, loaded.state, self.config.quantization)
+        from pallas_kernels.dispatch import resolve_backend
+
+        cfg = self.config
+        # The CPU int8 kernel takes whole (unsharded) weights on the CPU backend.
+        packed = (resolve_backend(cfg.attention_backend) == "cpu"
+                  and cfg.tensor_parallel_size == 1 and cfg.nnodes == 1)
+        graphdef, state = quantize_model(loaded.graphdef, loaded.state, cfg.quantization,
+                                         packed=packed)
         return dataclasses.replace(loaded, graphdef=graphdef, state=state)
 
     def _build_core(self) -> None:

@@ -1,0 +1,61 @@
+"""W8A8 int8 matmul on the CPU through a C++ XLA FFI kernel.
+
+``pack_int8_weight`` turns a quantized ``[K, N]`` int8 kernel into the
+kernel's layout once, at load time; ``int8_matmul_cpu`` then quantizes the
+activations per row and multiplies inside one custom call (see
+``csrc/int8_matmul_cpu.cc``). The result equals ``model/quant.py``'s XLA path
+up to float rounding of the activation scale (the integer product is exact).
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+from pallas_kernels import cpu_ffi
+
+TARGET = cpu_ffi.TARGETS["Int8MatmulCpu"]
+available = cpu_ffi.available
+
+
+def pack_int8_weight(q: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``q [K, N] int8 -> (packed [ceil(N/16), ceil(K/4), 64] int8, colsum [ceil(N/16)*16] int32)``.
+
+    ``packed[b, kk, 4 * l + j] = q[4 * kk + j, 16 * b + l]`` (zeros past K, N):
+    each 64-byte row is one VNNI operand, 16 columns by 4 reduction steps.
+    """
+    k, n = q.shape
+    kp, np_ = -(-k // 4) * 4, -(-n // 16) * 16
+    qp = jnp.zeros((kp, np_), jnp.int8).at[:k, :n].set(q.astype(jnp.int8))
+    packed = qp.reshape(kp // 4, 4, np_ // 16, 16).transpose(2, 0, 3, 1).reshape(
+        np_ // 16, kp // 4, 64)
+    colsum = jnp.sum(qp.astype(jnp.int32), axis=0)
+    return packed, colsum
+
+
+def int8_matmul_cpu(x: jax.Array, packed: jax.Array, colsum: jax.Array,
+                    scale: jax.Array) -> jax.Array:
+    """``x @ dequant(w)`` with per-row int8 activations.
+
+    Args:
+      x: [..., K] float activations (computed in float32).
+      packed, colsum: from ``pack_int8_weight``.
+      scale: [N] float32 per-output-channel weight scale.
+
+    Returns:
+      [..., N] float32.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = scale.shape[0]
+    if packed.ndim != 3 or packed.shape[1] != -(-k // 4) or packed.shape[0] != -(-n // 16):
+        raise ValueError(f"packed weight {packed.shape} does not fit x {x.shape} and "
+                         f"scale {scale.shape}")
+    if not available():
+        raise RuntimeError("the CPU int8 kernel could not be built; see the log")
+    rows = math.prod(lead)
+    call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    y = call(x.reshape(rows, k).astype(jnp.float32), packed, colsum,
+             scale.astype(jnp.float32))
+    return y.reshape(*lead, n)
