@@ -75,7 +75,10 @@ inline const float* page_rows(const Problem& p, const void* base, int64_t offset
 
 // One work item: the queries [i0, i0 + nq) of sequence s, for kv heads
 // [h0, h0 + nh) and their query-head groups. Pages are read whole (all kv
-// heads of a token are contiguous), once per item.
+// heads of a token are contiguous), once per item. DT is the head dim when
+// known at compile time (0: read it from the problem), so the per-row
+// accumulator lives in registers.
+template <int DT>
 void run_item(const Problem& p, int64_t item) {
   const int64_t hc = item % p.head_chunks;
   const int64_t qb = (item / p.head_chunks) % p.qblocks_per_seq;
@@ -86,7 +89,8 @@ void run_item(const Problem& p, int64_t item) {
   if (i0 >= q_len) return;
   const int64_t nq = std::min<int64_t>(kQueryBlock, q_len - i0);
   const int64_t seq_len = p.seq_lens[s];
-  const int64_t D = p.head_dim, G = p.group, P = p.page_size, Hkv = p.num_kv_heads;
+  const int64_t D = DT > 0 ? DT : p.head_dim;
+  const int64_t G = p.group, P = p.page_size, Hkv = p.num_kv_heads;
   const int64_t h0 = hc * p.heads_per_chunk;
   const int64_t nh = std::min<int64_t>(p.heads_per_chunk, Hkv - h0);
   const int64_t rows = nh * nq * G;  // row r = (head hl, query i, group g)
@@ -98,14 +102,16 @@ void run_item(const Problem& p, int64_t item) {
   const int64_t kv_hi = std::min<int64_t>(pos0 + nq, seq_len);  // exclusive
 
   std::vector<float> qrows(rows * D), acc(rows * D, 0.0f), m(rows, kNegInf), l(rows, 0.0f);
-  std::vector<float> scores(rows * P), corr(rows), kbuf(p.bf16 ? P * Hkv * D : 0),
-      vbuf(p.bf16 ? P * Hkv * D : 0);
+  std::vector<float> scores(P), kbuf(p.bf16 ? P * Hkv * D : 0), vbuf(p.bf16 ? P * Hkv * D : 0);
+  std::vector<int64_t> row_head(rows), row_pos(rows);
   for (int64_t hl = 0; hl < nh; ++hl)
     for (int64_t i = 0; i < nq; ++i)
       for (int64_t g = 0; g < G; ++g) {
+        const int64_t r = (hl * nq + i) * G + g;
+        row_head[r] = h0 + hl;
+        row_pos[r] = pos0 + i;
         const float* src = p.q + ((q_start + i0 + i) * p.num_q_heads + (h0 + hl) * G + g) * D;
-        float* dst = qrows.data() + ((hl * nq + i) * G + g) * D;
-        for (int64_t d = 0; d < D; ++d) dst[d] = src[d] * p.sm_scale;
+        for (int64_t d = 0; d < D; ++d) qrows[r * D + d] = src[d] * p.sm_scale;
       }
 
   const int32_t* table = p.block_tables + s * p.pages_per_seq;
@@ -116,69 +122,69 @@ void run_item(const Problem& p, int64_t item) {
     const int64_t nt = t1 - t0;
     const int64_t offset = layer_base + (table[j] * P + (t0 - j * P)) * row_stride;
     if ((j + 1) * P < kv_hi) {  // the next page streams in while this one is used
-      const int64_t next = layer_base + table[j + 1] * P * row_stride;
-      const int64_t bytes = P * row_stride * (p.bf16 ? 2 : 4);
-      const char* kn = static_cast<const char*>(p.k) + next * (p.bf16 ? 2 : 4);
-      const char* vn = static_cast<const char*>(p.v) + next * (p.bf16 ? 2 : 4);
-      for (int64_t b = 0; b < bytes; b += 64) {
+      const int64_t esize = p.bf16 ? 2 : 4;
+      const int64_t next = (layer_base + table[j + 1] * P * row_stride) * esize;
+      const char* kn = static_cast<const char*>(p.k) + next;
+      const char* vn = static_cast<const char*>(p.v) + next;
+      for (int64_t b = 0; b < P * row_stride * esize; b += 64) {
         __builtin_prefetch(kn + b);
         __builtin_prefetch(vn + b);
       }
     }
     const float* K = page_rows(p, p.k, offset, nt * row_stride, kbuf.data());
-    // scores[r, t] = q_r . k_t, masked causally / by the window; the page is
-    // walked in memory order (token, then head).
-    for (int64_t t = 0; t < nt; ++t) {
-      const int64_t kpos = t0 + t;
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t hl = r / (nq * G);
-        const int64_t qpos = pos0 + (r / G) % nq;
-        const bool visible = kpos <= qpos &&
-                             (p.sliding_window <= 0 || qpos - kpos < p.sliding_window);
+    const float* V = page_rows(p, p.v, offset, nt * row_stride, vbuf.data());
+    for (int64_t r = 0; r < rows; ++r) {
+      const float* qr = qrows.data() + r * D;
+      const float* kh = K + row_head[r] * D;
+      const float* vh = V + row_head[r] * D;
+      const int64_t qpos = row_pos[r];
+      // scores[t] = q_r . k_t, masked causally / by the window.
+      float page_max = kNegInf;
+      for (int64_t t = 0; t < nt; ++t) {
+        const int64_t kpos = t0 + t;
         float x = kNegInf;
-        if (visible) {
-          x = dot(qrows.data() + r * D, K + t * row_stride + (h0 + hl) * D, D);
+        if (kpos <= qpos && (p.sliding_window <= 0 || qpos - kpos < p.sliding_window)) {
+          x = dot(qr, kh + t * row_stride, D);
           if (p.soft_cap != 0.0f) x = p.soft_cap * std::tanh(x / p.soft_cap);
         }
-        scores[r * P + t] = x;
+        scores[t] = x;
+        page_max = std::max(page_max, x);
       }
-    }
-    // Online softmax, one page at a time.
-    for (int64_t r = 0; r < rows; ++r) {
-      float* sr = scores.data() + r * P;
-      float page_max = kNegInf;
-      for (int64_t t = 0; t < nt; ++t) page_max = std::max(page_max, sr[t]);
+      // Online softmax, one page at a time.
       const float m_new = std::max(m[r], page_max);
-      if (m_new == kNegInf) {  // nothing visible yet
-        for (int64_t t = 0; t < nt; ++t) sr[t] = 0.0f;
-        continue;
-      }
+      if (m_new == kNegInf) continue;  // nothing visible yet
       const float c = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
       float sum = 0.0f;
-      for (int64_t t = 0; t < nt; ++t) { sr[t] = std::exp(sr[t] - m_new); sum += sr[t]; }
+      for (int64_t t = 0; t < nt; ++t) { scores[t] = std::exp(scores[t] - m_new); sum += scores[t]; }
       l[r] = l[r] * c + sum;
       m[r] = m_new;
-      float* ar = acc.data() + r * D;
-      for (int64_t d = 0; d < D; ++d) ar[d] *= c;
-    }
-    const float* V = page_rows(p, p.v, offset, nt * row_stride, vbuf.data());
-    for (int64_t t = 0; t < nt; ++t)
-      for (int64_t r = 0; r < rows; ++r) {
-        const int64_t hl = r / (nq * G);
-        const float w = scores[r * P + t];
-        const float* __restrict vt = V + t * row_stride + (h0 + hl) * D;
-        float* __restrict ar = acc.data() + r * D;
+      float a[DT > 0 ? DT : 1];
+      float* ar = DT > 0 ? a : acc.data() + r * D;
+      const float* acc_r = acc.data() + r * D;
+      for (int64_t d = 0; d < D; ++d) ar[d] = acc_r[d] * c;
+      for (int64_t t = 0; t < nt; ++t) {
+        const float w = scores[t];
+        const float* vt = vh + t * row_stride;
         for (int64_t d = 0; d < D; ++d) ar[d] += w * vt[d];
       }
+      if (DT > 0) std::memcpy(acc.data() + r * D, ar, D * sizeof(float));
+    }
   }
-  for (int64_t hl = 0; hl < nh; ++hl)
-    for (int64_t i = 0; i < nq; ++i)
-      for (int64_t g = 0; g < G; ++g) {
-        const int64_t r = (hl * nq + i) * G + g;
-        float* dst = p.out + ((q_start + i0 + i) * p.num_q_heads + (h0 + hl) * G + g) * D;
-        const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
-        for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
-      }
+  for (int64_t r = 0; r < rows; ++r) {
+    const int64_t i = row_pos[r] - pos0, g = r % G;
+    float* dst = p.out + ((q_start + i0 + i) * p.num_q_heads + row_head[r] * G + g) * D;
+    const float inv = l[r] > 0.0f ? 1.0f / l[r] : 0.0f;
+    for (int64_t d = 0; d < D; ++d) dst[d] = acc[r * D + d] * inv;
+  }
+}
+
+void run_any(const Problem& p, int64_t item) {
+  switch (p.head_dim) {
+    case 64: run_item<64>(p, item); return;
+    case 128: run_item<128>(p, item); return;
+    case 256: run_item<256>(p, item); return;
+    default: run_item<0>(p, item); return;
+  }
 }
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
@@ -239,7 +245,7 @@ ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,
   p.head_chunks = p.num_kv_heads / p.heads_per_chunk;
   const int64_t num_items = p.num_seqs * p.qblocks_per_seq * p.head_chunks;
 
-  jax_serve::parallel_for(pool, num_items, [p](int64_t i) { run_item(p, i); });
+  jax_serve::parallel_for(pool, num_items, [p](int64_t i) { run_any(p, i); });
   return ffi::Error::Success();
 }
 
