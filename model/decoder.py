@@ -43,6 +43,9 @@ class Attention(nnx.Module):
         self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
         self.v_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
         self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
+        # q|k|v in one [hidden, q_dim + 2 * kv_dim] Linear, set by model/quant.py
+        # for the CPU int8 kernels.
+        self.qkv = nnx.data(None)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
             self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
@@ -53,9 +56,15 @@ class Attention(nnx.Module):
                  md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
         """``x: [T, hidden] -> ([T, hidden], updated cache)``."""
         num_tokens = x.shape[0]
-        q = self.q_proj(x).reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = self.k_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = self.v_proj(x).reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        if self.qkv is not None:
+            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+            h = self.qkv(x)  # [T, q_dim + 2 * kv_dim]
+            q, k, v = h[:, :q_dim], h[:, q_dim:q_dim + kv_dim], h[:, q_dim + kv_dim:]
+        else:
+            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)

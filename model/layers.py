@@ -16,7 +16,7 @@ from flax import nnx
 
 from model.config import RopeScaling
 from model.quant import int8_matmul
-from pallas_kernels.cpu_int8 import int8_matmul_cpu
+from pallas_kernels.cpu_int8 import int8_matmul_cpu, int8_weight_matmul_cpu
 
 _INIT = nnx.initializers.normal(0.02)
 
@@ -51,11 +51,14 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
         self.scale = nnx.data(None)  # [out_features] f32 once quantized to int8 (model/quant.py)
         self.colsum = nnx.data(None)  # int32 column sums once packed for the CPU int8 kernel
+        self.weight_only = False  # int8 kernel with float activations (model/quant.py)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         if self.colsum is not None:  # kernel packed: [out/16, in/4, 64] int8
             y = int8_matmul_cpu(x, self.kernel[...], self.colsum[...],
                                 self.scale[...]).astype(x.dtype)
+        elif self.weight_only:  # kernel [in, out padded to 16] int8
+            y = int8_weight_matmul_cpu(x, self.kernel[...], self.scale[...]).astype(x.dtype)
         elif self.scale is not None:
             y = int8_matmul(x, self.kernel[...], self.scale[...])
         else:

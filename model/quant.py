@@ -88,6 +88,25 @@ def _quantize_linear(module, packed: bool) -> None:
     module.scale = nnx.Param(s)
 
 
+def _quantize_attention_weight_only(attn) -> None:
+    """q|k|v fused, and o, as int8 weights with float activations (CPU kernel)."""
+    from pallas_kernels.cpu_int8 import pad_int8_weight
+
+    if attn.qkv is not None:
+        return
+    parts = (attn.q_proj, attn.k_proj, attn.v_proj)
+    fused = attn.q_proj
+    kernel = jnp.concatenate([m.kernel[...] for m in parts], axis=1)
+    if fused.bias is not None:
+        fused.bias = nnx.Param(jnp.concatenate([m.bias[...] for m in parts]))
+    for module, w in ((fused, kernel), (attn.o_proj, attn.o_proj.kernel[...])):
+        q, s = quantize_weight(w, axis=0)
+        module.kernel = nnx.Param(pad_int8_weight(q))
+        module.scale = nnx.Param(s)
+        module.weight_only = True
+    attn.qkv, attn.q_proj, attn.k_proj, attn.v_proj = fused, None, None, None
+
+
 def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
                    packed: bool = False) -> tuple[nnx.GraphDef, nnx.State]:
     """Quantizes a decoder's MLPs, embedding table and LM head in place.
@@ -98,10 +117,13 @@ def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
     to 0.84), and they are only ~20% of the weight bytes.
 
     Args:
-      packed: store the int8 kernels in the CPU FFI kernel's layout
+      packed: store the int8 kernels in the CPU FFI kernels' layouts
         (``pallas_kernels/cpu_int8.py``; unsharded CPU weights only) instead
-        of ``[in, out]`` for XLA's dot. The tied embedding keeps its table
-        for lookups and gains a packed copy for the LM head.
+        of ``[in, out]`` for XLA's dot, with gate|up fused. The tied embedding
+        keeps its table for lookups and gains a packed copy for the LM head.
+        The attention projections then take int8 weights too, but keep float
+        activations (weight-only int8: a quarter of the bytes to stream
+        without the activation error above), with q|k|v fused.
 
     Returns the new ``(graphdef, state)``: each quantized module holds an int8
     weight plus a float32 ``scale`` and its ``__call__`` takes the int8 path.
@@ -114,6 +136,8 @@ def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
         raise ValueError(f"unknown quantization {method!r}; choose from {QUANTIZATIONS}")
     model = nnx.merge(graphdef, state)
     for layer in model.layers:
+        if packed:
+            _quantize_attention_weight_only(layer.self_attn)
         mlp = layer.mlp
         if packed and mlp.gate_up is None and mlp.gate_proj.scale is None:
             # gate|up as one [hidden, 2 * intermediate] kernel (per-column

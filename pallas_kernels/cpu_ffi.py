@@ -33,6 +33,7 @@ _FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-std=c++17", "-shared", "-fP
 TARGETS = {
     "PagedAttentionCpu": "jax_serve_paged_attention_cpu",
     "Int8MatmulCpu": "jax_serve_int8_matmul_cpu",
+    "Int8WeightMatmulCpu": "jax_serve_int8_weight_matmul_cpu",
 }
 
 

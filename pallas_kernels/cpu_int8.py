@@ -59,3 +59,35 @@ def int8_matmul_cpu(x: jax.Array, packed: jax.Array, colsum: jax.Array,
     y = call(x.reshape(rows, k).astype(jnp.float32), packed, colsum,
              scale.astype(jnp.float32))
     return y.reshape(*lead, n)
+
+
+WEIGHT_ONLY_TARGET = cpu_ffi.TARGETS["Int8WeightMatmulCpu"]
+
+
+def pad_int8_weight(q: jax.Array) -> jax.Array:
+    """``q [K, N] int8 -> [K, ceil(N/16)*16]`` (zero columns) for the weight-only kernel."""
+    k, n = q.shape
+    return jnp.zeros((k, -(-n // 16) * 16), jnp.int8).at[:, :n].set(q.astype(jnp.int8))
+
+
+def int8_weight_matmul_cpu(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+    """``x @ (w * scale)`` with float32 activations and int8 weights.
+
+    Args:
+      x: [..., K] float activations (computed in float32).
+      w: [K, Np] int8 from ``pad_int8_weight``.
+      scale: [N] float32 per-output-channel scale.
+
+    Returns:
+      [..., N] float32.
+    """
+    lead, k = x.shape[:-1], x.shape[-1]
+    n = scale.shape[0]
+    if w.ndim != 2 or w.shape[0] != k or w.shape[1] != -(-n // 16) * 16:
+        raise ValueError(f"int8 weight {w.shape} does not fit x {x.shape} and scale {scale.shape}")
+    if not available():
+        raise RuntimeError("the CPU int8 kernel could not be built; see the log")
+    rows = math.prod(lead)
+    call = jax.ffi.ffi_call(WEIGHT_ONLY_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
+    y = call(x.reshape(rows, k).astype(jnp.float32), w, scale.astype(jnp.float32))
+    return y.reshape(*lead, n)

@@ -173,6 +173,102 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   return ffi::Error::Success();
 }
 
+// ---- weight-only int8 (float32 activations) ---------------------------------
+//
+//   y[M, N] = (x @ float(W)) * w_scale[n]
+//
+//   x: [M, K] float32; W: [K, Np] int8 row-major, Np = N rounded up to 16
+//   (zero columns); w_scale: [N] float32.
+// For projections whose inputs do not survive per-token int8 (attention's):
+// the weight still streams at a quarter of float32's bytes, each 16-column
+// row slice widened to float32 in registers and shared by a tile of rows.
+
+struct WoProblem {
+  const float* x;  // [M, K]
+  const int8_t* w;  // [K, Np]
+  const float* ws;  // [N]
+  float* y;  // [M, N]
+  int64_t m, k, n, np;
+};
+
+template <int R, int B>
+inline void wo_tile(const WoProblem& p, int64_t r0, int64_t b0) {
+#ifdef JAX_SERVE_VNNI
+  __m512 acc[R][B];
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
+  const int8_t* wcol = p.w + b0 * kLanes;
+  for (int64_t kk = 0; kk < p.k; ++kk) {
+    __m512 wv[B];
+    for (int b = 0; b < B; ++b)
+      wv[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
+          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wcol + kk * p.np + b * kLanes))));
+    for (int r = 0; r < R; ++r) {
+      const __m512 xb = _mm512_set1_ps(p.x[(r0 + r) * p.k + kk]);
+      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(xb, wv[b], acc[r][b]);
+    }
+  }
+  for (int b = 0; b < B; ++b) {
+    const int64_t col = (b0 + b) * kLanes;
+    const int64_t valid = std::min<int64_t>(kLanes, p.n - col);
+    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
+    const __m512 ws = _mm512_maskz_loadu_ps(mask, p.ws + col);
+    for (int r = 0; r < R; ++r)
+      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + col, mask, _mm512_mul_ps(acc[r][b], ws));
+  }
+#else
+  for (int r = 0; r < R; ++r)
+    for (int b = 0; b < B; ++b)
+      for (int l = 0; l < kLanes; ++l) {
+        const int64_t col = (b0 + b) * kLanes + l;
+        if (col >= p.n) continue;
+        float a = 0.0f;
+        for (int64_t kk = 0; kk < p.k; ++kk)
+          a += p.x[(r0 + r) * p.k + kk] * static_cast<float>(p.w[kk * p.np + col]);
+        p.y[(r0 + r) * p.n + col] = a * p.ws[col];
+      }
+#endif
+}
+
+template <int B>
+inline void wo_rows(const WoProblem& p, int64_t b0) {
+  int64_t r = 0;
+  for (; r + kRowTile <= p.m; r += kRowTile) wo_tile<kRowTile, B>(p, r, b0);
+  switch (p.m - r) {
+    case 3: wo_tile<3, B>(p, r, b0); break;
+    case 2: wo_tile<2, B>(p, r, b0); break;
+    case 1: wo_tile<1, B>(p, r, b0); break;
+    default: break;
+  }
+}
+
+ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                                ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
+                                ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 2)
+    return ffi::Error::InvalidArgument("int8_weight_matmul_cpu: x must be [M, K], w [K, Np]");
+  const int64_t n = w_scale.dimensions()[0];
+  if (wd[0] != xd[1] || wd[1] % kLanes != 0 || wd[1] < n || wd[1] >= n + kLanes)
+    return ffi::Error::InvalidArgument("int8_weight_matmul_cpu: w does not match x / scale");
+  WoProblem p{x.typed_data(), w.typed_data(), w_scale.typed_data(), y->typed_data(),
+              xd[0], xd[1], n, wd[1]};
+  const int64_t nb = wd[1] / kLanes;
+  const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
+  jax_serve::parallel_for(pool, tiles, [&p, nb](int64_t t) {
+    const int64_t b0 = t * kTileBlocks;
+    switch (std::min<int64_t>(kTileBlocks, nb - b0)) {
+      case 4: wo_rows<4>(p, b0); return;
+      case 3: wo_rows<3>(p, b0); return;
+      case 2: wo_rows<2>(p, b0); return;
+      case 1: wo_rows<1>(p, b0); return;
+      default: return;
+    }
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8MatmulCpu, Int8MatmulImpl,
@@ -181,5 +277,13 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8MatmulCpu, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8WeightMatmulCpu, Int8WeightMatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());

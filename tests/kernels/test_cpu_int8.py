@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
 from model.quant import int8_matmul, quantize_weight
 from pallas_kernels import cpu_int8
@@ -70,3 +71,49 @@ def test_rejects_mismatched_weight():
     packed, colsum = cpu_int8.pack_int8_weight(q)
     with pytest.raises(ValueError, match="does not fit"):
         cpu_int8.int8_matmul_cpu(jnp.ones((1, 12), jnp.float32), packed, colsum, s)
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (3, 64, 16), (6, 72, 200), (33, 40, 96)])
+def test_weight_only_equals_float_of_dequantized(m, k, n):
+    rng = np.random.default_rng(m + k + n)
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    q, s = quantize_weight(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), axis=0)
+    w = cpu_int8.pad_int8_weight(q)
+    assert w.shape == (k, -(-n // 16) * 16)
+    y = jax.jit(cpu_int8.int8_weight_matmul_cpu)(x, w, s)
+    ref = np.asarray(x, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64))
+    np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_int8.int8_weight_matmul_cpu(x[:, :-1], w, s)
+
+
+def test_packed_qwen2_with_qkv_bias_tracks_float(tmp_path):
+    """Fused q|k|v (with Qwen2's biases) and gate|up through the kernels."""
+    from model import api
+    from model.attention import AttentionMetadata, KVCache
+    from model.loader import load_model
+    from model.quant import quantize_model
+    from tests.model.tiny_hf import save_hf_model
+
+    save_hf_model("qwen2", tmp_path)
+    lm = load_model(str(tmp_path), dtype="float32")
+    c = lm.config
+    n, ps = 21, 16
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, c.vocab_size, n), jnp.int32)
+
+    def logits(graphdef, state):
+        kv = KVCache.zeros(c.num_layers, 3, ps, c.num_kv_heads, c.head_dim)
+        md = AttentionMetadata(
+            block_tables=jnp.array([[1, 2]], jnp.int32), seq_lens=jnp.array([n], jnp.int32),
+            query_start_loc=jnp.array([0, n], jnp.int32),
+            slot_mapping=jnp.arange(ps, ps + n, dtype=jnp.int32), max_q_len=n)
+        h, _ = api.forward(graphdef, state, ids, jnp.arange(n, dtype=jnp.int32), kv, md)
+        return np.asarray(api.compute_logits(graphdef, state, h))
+
+    ref = logits(lm.graphdef, lm.state)
+    gp, sp = quantize_model(lm.graphdef, lm.state, "w8a8_int8", packed=True)
+    attn = nnx.merge(gp, sp).layers[0].self_attn
+    assert attn.qkv is not None and attn.qkv.bias is not None and attn.q_proj is None
+    got = logits(gp, sp)
+    cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
+    assert cos.min() > 0.99, cos

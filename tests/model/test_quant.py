@@ -85,14 +85,14 @@ def test_smollm2_quantized_logits_track_float32():
     with pytest.raises(ValueError, match="unknown quantization"):
         quantize_model(lm.graphdef, lm.state, "fp3")
 
-    # The CPU kernel's packed layout computes the same integer products; an
-    # activation scale that rounds differently moves a rare int8 value by one,
-    # and 30 layers amplify that like any float perturbation (see above): the
-    # first position agrees to float rounding, later ones within the int8 noise.
+    # The CPU kernels' layout (attention projections weight-only int8 on top)
+    # tracks float32 as closely as the XLA path does.
     from pallas_kernels import cpu_int8
     if cpu_int8.available():
         gp, sp = quantize_model(lm.graphdef, lm.state, "w8a8_int8", packed=True)
         packed = logits(gp, sp)
-        np.testing.assert_allclose(packed[0], got[0], rtol=1e-4, atol=1e-4)
-        assert _rel(packed, got) < 0.1
-        assert (packed.argmax(-1) == got.argmax(-1)).mean() >= 0.9
+        cos = (ref * packed).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(
+            packed, axis=-1)
+        assert cos.min() > 0.9 and cos.mean() > 0.98, cos
+        assert (ref.argmax(-1) == packed.argmax(-1)).mean() >= 0.9
+        assert nbytes(sp) < 0.45 * nbytes(lm.state)  # the LM head copy fits in the savings
