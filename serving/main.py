@@ -49,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) the API accepts in `model`; the first is reported")
     g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
+    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+                   help="KV cache storage; auto: the model's dtype. bfloat16 halves the cache's "
+                        "bytes (llama.cpp's default cache is float16)")
     g.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,
                    default=None)
     g.add_argument("--chat-template", default=None,
@@ -143,7 +146,8 @@ def read_chat_template(value: Optional[str]) -> Optional[str]:
 def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]:
     """Maps parsed flags onto EngineConfig and ServerConfig (unset flags keep defaults)."""
     model = args.model or args.model_tag
-    engine_kw = dict(model=model, dtype=args.dtype, max_model_len=args.max_model_len,
+    engine_kw = dict(model=model, dtype=args.dtype, kv_cache_dtype=args.kv_cache_dtype,
+                     max_model_len=args.max_model_len,
                      max_num_seqs=args.max_num_seqs,
                      max_num_batched_tokens=args.max_num_batched_tokens,
                      page_size=args.page_size, gpu_memory_utilization=args.gpu_memory_utilization,

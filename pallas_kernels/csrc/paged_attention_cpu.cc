@@ -48,29 +48,28 @@ struct Problem {
   int64_t sliding_window;
 };
 
-// Dot product of two float rows; 16 independent lanes (one AVX-512 FMA per
-// step when vectorised), then a fixed-order tree sum, so the result does not
-// depend on anything but the two rows.
-inline float dot(const float* a, const float* b, int64_t n) {
+// Cache elements as float: float32 as is, bfloat16 bits widened (exact).
+inline float as_float(float v) { return v; }
+inline float as_float(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+// Dot product of a float row and a cache row; 16 independent lanes (one
+// AVX-512 FMA per step when vectorised), then a fixed-order tree sum, so the
+// result does not depend on anything but the two rows.
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t n) {
   float lanes[16] = {0};
   int64_t d = 0;
   for (; d + 16 <= n; d += 16)
-    for (int k = 0; k < 16; ++k) lanes[k] += a[d + k] * b[d + k];
-  for (int64_t k = 0; d < n; ++d, ++k) lanes[k] += a[d] * b[d];
+    for (int k = 0; k < 16; ++k) lanes[k] += a[d + k] * as_float(b[d + k]);
+  for (int64_t k = 0; d < n; ++d, ++k) lanes[k] += a[d] * as_float(b[d]);
   for (int w = 8; w >= 1; w /= 2)
     for (int k = 0; k < w; ++k) lanes[k] += lanes[k + w];
   return lanes[0];
-}
-
-// Rows [t0, t0 + nt) of one page, all kv heads: a pointer into the cache for
-// float32, or the page converted from bfloat16 bits into `buf`.
-inline const float* page_rows(const Problem& p, const void* base, int64_t offset, int64_t count,
-                              float* buf) {
-  if (!p.bf16) return static_cast<const float*>(base) + offset;
-  const uint16_t* src = static_cast<const uint16_t*>(base) + offset;
-  uint32_t* dst = reinterpret_cast<uint32_t*>(buf);
-  for (int64_t i = 0; i < count; ++i) dst[i] = static_cast<uint32_t>(src[i]) << 16;
-  return buf;
 }
 
 // One work item: the queries [i0, i0 + nq) of sequence s, for kv heads
@@ -78,7 +77,7 @@ inline const float* page_rows(const Problem& p, const void* base, int64_t offset
 // heads of a token are contiguous), once per item. DT is the head dim when
 // known at compile time (0: read it from the problem), so the per-row
 // accumulator lives in registers.
-template <int DT>
+template <int DT, typename KV>
 void run_item(const Problem& p, int64_t item) {
   const int64_t hc = item % p.head_chunks;
   const int64_t qb = (item / p.head_chunks) % p.qblocks_per_seq;
@@ -102,7 +101,7 @@ void run_item(const Problem& p, int64_t item) {
   const int64_t kv_hi = std::min<int64_t>(pos0 + nq, seq_len);  // exclusive
 
   std::vector<float> qrows(rows * D), acc(rows * D, 0.0f), m(rows, kNegInf), l(rows, 0.0f);
-  std::vector<float> scores(P), kbuf(p.bf16 ? P * Hkv * D : 0), vbuf(p.bf16 ? P * Hkv * D : 0);
+  std::vector<float> scores(P);
   std::vector<int64_t> row_head(rows), row_pos(rows);
   for (int64_t hl = 0; hl < nh; ++hl)
     for (int64_t i = 0; i < nq; ++i)
@@ -122,7 +121,7 @@ void run_item(const Problem& p, int64_t item) {
     const int64_t nt = t1 - t0;
     const int64_t offset = layer_base + (table[j] * P + (t0 - j * P)) * row_stride;
     if ((j + 1) * P < kv_hi) {  // the next page streams in while this one is used
-      const int64_t esize = p.bf16 ? 2 : 4;
+      const int64_t esize = sizeof(KV);
       const int64_t next = (layer_base + table[j + 1] * P * row_stride) * esize;
       const char* kn = static_cast<const char*>(p.k) + next;
       const char* vn = static_cast<const char*>(p.v) + next;
@@ -131,12 +130,12 @@ void run_item(const Problem& p, int64_t item) {
         __builtin_prefetch(vn + b);
       }
     }
-    const float* K = page_rows(p, p.k, offset, nt * row_stride, kbuf.data());
-    const float* V = page_rows(p, p.v, offset, nt * row_stride, vbuf.data());
+    const KV* K = static_cast<const KV*>(p.k) + offset;
+    const KV* V = static_cast<const KV*>(p.v) + offset;
     for (int64_t r = 0; r < rows; ++r) {
       const float* qr = qrows.data() + r * D;
-      const float* kh = K + row_head[r] * D;
-      const float* vh = V + row_head[r] * D;
+      const KV* kh = K + row_head[r] * D;
+      const KV* vh = V + row_head[r] * D;
       const int64_t qpos = row_pos[r];
       // scores[t] = q_r . k_t, masked causally / by the window.
       float page_max = kNegInf;
@@ -164,8 +163,8 @@ void run_item(const Problem& p, int64_t item) {
       for (int64_t d = 0; d < D; ++d) ar[d] = acc_r[d] * c;
       for (int64_t t = 0; t < nt; ++t) {
         const float w = scores[t];
-        const float* vt = vh + t * row_stride;
-        for (int64_t d = 0; d < D; ++d) ar[d] += w * vt[d];
+        const KV* vt = vh + t * row_stride;
+        for (int64_t d = 0; d < D; ++d) ar[d] += w * as_float(vt[d]);
       }
       if (DT > 0) std::memcpy(acc.data() + r * D, ar, D * sizeof(float));
     }
@@ -178,13 +177,19 @@ void run_item(const Problem& p, int64_t item) {
   }
 }
 
-void run_any(const Problem& p, int64_t item) {
+template <typename KV>
+void run_dim(const Problem& p, int64_t item) {
   switch (p.head_dim) {
-    case 64: run_item<64>(p, item); return;
-    case 128: run_item<128>(p, item); return;
-    case 256: run_item<256>(p, item); return;
-    default: run_item<0>(p, item); return;
+    case 64: run_item<64, KV>(p, item); return;
+    case 128: run_item<128, KV>(p, item); return;
+    case 256: run_item<256, KV>(p, item); return;
+    default: run_item<0, KV>(p, item); return;
   }
+}
+
+void run_any(const Problem& p, int64_t item) {
+  if (p.bf16) run_dim<uint16_t>(p, item);
+  else run_dim<float>(p, item);
 }
 
 ffi::Error PagedAttentionImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q,

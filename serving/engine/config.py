@@ -15,6 +15,7 @@ class EngineConfig:
 
     model: Optional[str] = None  # HF folder, GGUF file or converted folder; None = embedded default
     dtype: str = "auto"  # "auto" | "float32" | "bfloat16"
+    kv_cache_dtype: str = "auto"  # "auto" (the model's dtype) | "float32" | "bfloat16"
     quantization: Optional[str] = None  # None | "w8a8_int8" (model/quant.py)
     max_model_len: Optional[int] = None  # None: min(model's max positions, 4096)
     max_num_seqs: int = 64
@@ -42,6 +43,9 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+            raise ValueError("kv_cache_dtype must be auto, float32 or bfloat16, got "
+                             f"{self.kv_cache_dtype!r}")
         if self.quantization not in (None, "w8a8_int8"):
             raise ValueError(f"quantization must be w8a8_int8 or None, got {self.quantization!r}")
         if self.max_num_seqs < 1:

@@ -119,6 +119,8 @@ class LLMEngine:
             import jax
             dtype = "float32" if jax.default_backend() == "cpu" else "bfloat16"
         self.dtype = dtype
+        # the KV cache's dtype: the model's unless --kv-cache-dtype says otherwise
+        self.kv_dtype = dtype if config.kv_cache_dtype == "auto" else config.kv_cache_dtype
         t0 = time.perf_counter()
         # mesh: this replica's devices (sharding.mesh); default: tp devices, or none at tp 1
         self.layout = TensorParallelLayout.for_engine(config.tensor_parallel_size, mesh)
@@ -170,7 +172,8 @@ class LLMEngine:
             pages = cfg.num_pages
         else:
             # per device: the cache's KV-head axis may be split over the tensor axis
-            per_page = kv_page_bytes_per_device(mc, self.page_size, self.dtype, self.layout.plan)
+            per_page = kv_page_bytes_per_device(mc, self.page_size, self.kv_dtype,
+                                                self.layout.plan)
             if cfg.kv_cache_memory_bytes is not None:
                 budget = cfg.kv_cache_memory_bytes
             else:
@@ -230,7 +233,7 @@ class LLMEngine:
         from pallas_kernels.dispatch import resolve_backend
         from pallas_kernels.reference import BF16_STORAGE
 
-        kv_dtype = jnp.dtype(self.dtype)
+        kv_dtype = jnp.dtype(self.kv_dtype)
         if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) in ("xla", "cpu"):
             kv_dtype = jnp.dtype(BF16_STORAGE)  # in-place scatter on CPU (reference.py)
         self.runner = ModelRunner(

@@ -280,3 +280,20 @@ def test_precompile_warms_every_bucket_so_steps_never_trace(model_dir):
         assert outs[f"w{i}"].outputs[0].token_ids == greedy_generate(
             eng.loaded, p, 40, eos_token_ids=())
     assert eng.runner._step._cache_size() == warmed
+
+
+def test_bfloat16_kv_cache_on_a_float32_model(model_dir, engine):
+    """--kv-cache-dtype bfloat16: half the bytes per page, so twice the pages in one
+    budget; stored as bf16 bits on the CPU; outputs stay the float32 cache's
+    (this tiny model's greedy tokens do not sit on bf16 rounding ties)."""
+    budget = 256 * 1024
+    f32 = _engine(model_dir, kv_cache_memory_bytes=budget)
+    bf16 = _engine(model_dir, kv_cache_memory_bytes=budget, kv_cache_dtype="bfloat16")
+    assert bf16.num_pages == 2 * f32.num_pages
+    assert bf16.runner.kv.k.dtype in (np.uint16, np.dtype("bfloat16"))
+    reqs = {f"k{i}": (p, greedy()) for i, p in enumerate(PROMPTS)}
+    want, got = run(f32, reqs), run(bf16, reqs)
+    same = [want[r].outputs[0].token_ids == got[r].outputs[0].token_ids for r in reqs]
+    assert sum(same) >= len(same) - 1, same
+    with pytest.raises(ValueError, match="kv_cache_dtype"):
+        EngineConfig(kv_cache_dtype="fp8")
