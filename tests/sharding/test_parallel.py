@@ -42,7 +42,9 @@ SERVER_ARGS = ["--dtype", "float32", "--max-model-len", "512", "--max-num-seqs",
 # Bytes of one KV page at tp 1, float32: 2 (K, V) * layers * 16 tokens * KV heads * head_dim * 4
 SMOLLM2_PAGE = 2 * 30 * 16 * 3 * 64 * 4
 QWEN3_PAGE = 2 * 2 * 16 * 8 * 32 * 4
-SMOLLM2_SPECS = ["1:1", "2:1", "4:1", "8:1", "1:2"]
+# SmolLM2's 3 KV heads split at tp 2 and 8 (neither divides them: the replicated
+# heads path); tp 4 is Qwen3's sweep (8 KV heads), so SmolLM2 skips it.
+SMOLLM2_SPECS = ["1:1", "2:1", "8:1", "1:2"]
 QWEN3_SPECS = ["1:1", "2:1", "4:1", "8:1"]
 
 
