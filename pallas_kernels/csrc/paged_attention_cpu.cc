@@ -23,6 +23,10 @@
 #include <cstring>
 #include <vector>
 
+#ifdef __AVX512F__
+#include <immintrin.h>
+#endif
+
 #include "parallel_for.h"
 #include "xla/ffi/api/ffi.h"
 
@@ -61,7 +65,7 @@ inline float as_float(uint16_t v) {
 // AVX-512 FMA per step when vectorised), then a fixed-order tree sum, so the
 // result does not depend on anything but the two rows.
 template <typename KV>
-inline float dot(const float* a, const KV* b, int64_t n) {
+inline float dot_generic(const float* a, const KV* b, int64_t n) {
   float lanes[16] = {0};
   int64_t d = 0;
   for (; d + 16 <= n; d += 16)
@@ -71,6 +75,79 @@ inline float dot(const float* a, const KV* b, int64_t n) {
     for (int k = 0; k < w; ++k) lanes[k] += lanes[k + w];
   return lanes[0];
 }
+
+// exp of scores[0, n) minus `shift`, in place; returns their sum. Masked
+// scores (-inf) become exactly 0.
+inline float exp_shifted_generic(float* scores, int64_t n, float shift) {
+  float sum = 0.0f;
+  for (int64_t t = 0; t < n; ++t) {
+    scores[t] = std::exp(scores[t] - shift);
+    sum += scores[t];
+  }
+  return sum;
+}
+
+#ifdef __AVX512F__
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  const __m256i bits = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
+
+// Fixed-order vector dot (two accumulators, then a fixed lane reduction).
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t n) {
+  if (n % 16) return dot_generic(a, b, n);
+  __m512 acc0 = _mm512_setzero_ps(), acc1 = _mm512_setzero_ps();
+  int64_t d = 0;
+  for (; d + 32 <= n; d += 32) {
+    acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc0);
+    acc1 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d + 16), load16(b + d + 16), acc1);
+  }
+  if (d < n) acc0 = _mm512_fmadd_ps(_mm512_loadu_ps(a + d), load16(b + d), acc0);
+  return _mm512_reduce_add_ps(_mm512_add_ps(acc0, acc1));
+}
+
+// e^x for 16 lanes: x = n ln2 + r, |r| <= ln2 / 2, e^r by its degree-6 Taylor
+// polynomial (relative error ~1e-7), scaled by 2^n; x < -87 gives 0.
+inline __m512 exp16(__m512 x) {
+  const __m512 log2e = _mm512_set1_ps(1.44269504088896341f);
+  const __m512 ln2_hi = _mm512_set1_ps(0.693359375f), ln2_lo = _mm512_set1_ps(-2.12194440e-4f);
+  const __mmask16 tiny = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.0f), _CMP_LT_OQ);
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.0f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, log2e),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, ln2_hi, x);
+  r = _mm512_fnmadd_ps(n, ln2_lo, r);
+  __m512 p = _mm512_set1_ps(1.0f / 720.0f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 120.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 24.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f / 6.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(0.5f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.0f));
+  return _mm512_maskz_mov_ps(static_cast<__mmask16>(~tiny), _mm512_scalef_ps(p, n));
+}
+
+inline float exp_shifted(float* scores, int64_t n, float shift) {
+  __m512 sum = _mm512_setzero_ps();
+  const __m512 sh = _mm512_set1_ps(shift);
+  for (int64_t t = 0; t < n; t += 16) {
+    const __mmask16 m = static_cast<__mmask16>(n - t >= 16 ? 0xFFFF : (1u << (n - t)) - 1u);
+    const __m512 e = _mm512_maskz_mov_ps(
+        m, exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + t), sh)));
+    _mm512_mask_storeu_ps(scores + t, m, e);
+    sum = _mm512_add_ps(sum, e);
+  }
+  return _mm512_reduce_add_ps(sum);
+}
+#else
+template <typename KV>
+inline float dot(const float* a, const KV* b, int64_t n) { return dot_generic(a, b, n); }
+inline float exp_shifted(float* scores, int64_t n, float shift) {
+  return exp_shifted_generic(scores, n, shift);
+}
+#endif
 
 // One work item: the queries [i0, i0 + nq) of sequence s, for kv heads
 // [h0, h0 + nh) and their query-head groups. Pages are read whole (all kv
@@ -153,8 +230,7 @@ void run_item(const Problem& p, int64_t item) {
       const float m_new = std::max(m[r], page_max);
       if (m_new == kNegInf) continue;  // nothing visible yet
       const float c = std::exp(m[r] - m_new);  // exp(-inf) = 0 on the first page
-      float sum = 0.0f;
-      for (int64_t t = 0; t < nt; ++t) { scores[t] = std::exp(scores[t] - m_new); sum += scores[t]; }
+      const float sum = exp_shifted(scores.data(), nt, m_new);
       l[r] = l[r] * c + sum;
       m[r] = m_new;
       float a[DT > 0 ? DT : 1];
