@@ -215,6 +215,6 @@ def run_follower(engine, config) -> int:
       config: the ``EngineConfig``.
     """
     if config.precompile:
-        engine.runner.precompile()
+        engine.runner.precompile(run=False)  # a step alone would wait for the leader
     follow(engine.runner, config.dist_init_addr, config.node_rank)
     return 0

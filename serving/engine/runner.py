@@ -125,7 +125,7 @@ class ModelRunner:
         self.kv = self._alloc_kv()
 
     # ---- compilation ------------------------------------------------------
-    def precompile(self) -> float:
+    def precompile(self, run: Optional[bool] = None) -> float:
         """Compiles every bucket with default sampling flags; returns seconds.
 
         Each bucket is *run* once on dummy inputs (padding only: every write
@@ -133,10 +133,12 @@ class ModelRunner:
         not fill jit's dispatch cache, so the first real step of each bucket
         would trace, lower and load it again (~1 s per bucket for SmolLM2,
         seen as multi-second stalls under load). Multi-host steps (which need
-        every process) are only lowered and compiled here.
+        every process) are only lowered and compiled here: ``run=False``
+        from a follower, and the leader's broadcasting step is detected.
         """
         total = 0.0
-        run = not hasattr(self._step, "leader")
+        if run is None:
+            run = not hasattr(self._step, "leader")
         for kind, size, pages in self.plan.all_shapes():
             t0 = time.perf_counter()
             args = self._dummy_args(kind, size, pages)

@@ -47,7 +47,7 @@ def _planned_pages(hf: dict, tp: int, budget: int) -> int:
     plan = ShardingPlan.build(cfg, tp) if tp > 1 else None
     stub = types.SimpleNamespace(
         config=EngineConfig(max_num_seqs=1024, kv_cache_memory_bytes=budget),
-        model_config=cfg, max_model_len=512, page_size=16, dtype="float32",
+        model_config=cfg, max_model_len=512, page_size=16, dtype="float32", kv_dtype="float32",
         layout=types.SimpleNamespace(plan=plan))
     return LLMEngine._plan_num_pages(stub)
 
