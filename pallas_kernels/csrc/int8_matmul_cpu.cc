@@ -25,6 +25,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
@@ -52,6 +53,20 @@ struct Problem {
   float* y;              // [M, N]
   int64_t m, n, kq, nb;
 };
+
+// Rows [0, m) in tiles of kRowTile, then one tile of the 1-3 left over:
+// tile(std::integral_constant<int, R>{}, r0) handles rows [r0, r0 + R).
+template <typename Tile>
+inline void for_row_tiles(int64_t m, Tile tile) {
+  int64_t r = 0;
+  for (; r + kRowTile <= m; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
+  switch (m - r) {
+    case 3: tile(std::integral_constant<int, 3>{}, r); break;
+    case 2: tile(std::integral_constant<int, 2>{}, r); break;
+    case 1: tile(std::integral_constant<int, 1>{}, r); break;
+    default: break;
+  }
+}
 
 #ifdef JAX_SERVE_VNNI
 template <int R, int B>
@@ -88,14 +103,7 @@ inline void micro_tile(const Problem& p, int64_t r0, int64_t b0) {
 
 template <int B>
 inline void rows_tile(const Problem& p, int64_t b0) {
-  int64_t r = 0;
-  for (; r + kRowTile <= p.m; r += kRowTile) micro_tile<kRowTile, B>(p, r, b0);
-  switch (p.m - r) {
-    case 3: micro_tile<3, B>(p, r, b0); break;
-    case 2: micro_tile<2, B>(p, r, b0); break;
-    case 1: micro_tile<1, B>(p, r, b0); break;
-    default: break;
-  }
+  for_row_tiles(p.m, [&](auto rows, int64_t r0) { micro_tile<decltype(rows)::value, B>(p, r0, b0); });
 }
 #endif
 
@@ -232,14 +240,7 @@ inline void wo_tile(const WoProblem& p, int64_t r0, int64_t b0) {
 
 template <int B>
 inline void wo_rows(const WoProblem& p, int64_t b0) {
-  int64_t r = 0;
-  for (; r + kRowTile <= p.m; r += kRowTile) wo_tile<kRowTile, B>(p, r, b0);
-  switch (p.m - r) {
-    case 3: wo_tile<3, B>(p, r, b0); break;
-    case 2: wo_tile<2, B>(p, r, b0); break;
-    case 1: wo_tile<1, B>(p, r, b0); break;
-    default: break;
-  }
+  for_row_tiles(p.m, [&](auto rows, int64_t r0) { wo_tile<decltype(rows)::value, B>(p, r0, b0); });
 }
 
 ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
