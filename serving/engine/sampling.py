@@ -115,6 +115,57 @@ def unpack_bitmask(bitmask: jax.Array, vocab: int) -> jax.Array:
     return jnp.pad(bits, ((0, 0), (0, vocab - words * 32)))
 
 
+def first_argmax(x: jax.Array) -> jax.Array:
+    """jnp.argmax over the last axis (first index of the maximum), [S, V] -> [S] i32.
+
+    Two single-operand reductions (max, then min of the matching indices)
+    vectorise on XLA:CPU, where argmax's variadic (value, index) reduction
+    runs as a scalar loop: 1.5 vs 4.3 ms at 32 x 49152.
+    """
+    vocab = x.shape[-1]
+    hit = x == jnp.max(x, axis=-1, keepdims=True)
+    return jnp.min(jnp.where(hit, jnp.arange(vocab, dtype=jnp.int32), vocab), axis=-1)
+
+
+def _mix32(h: jax.Array) -> jax.Array:
+    """MurmurHash3's 32-bit finaliser (full avalanche), uint32 -> uint32."""
+    h = h ^ (h >> 16)
+    h = h * jnp.uint32(0x85EBCA6B)
+    h = h ^ (h >> 13)
+    h = h * jnp.uint32(0xC2B2AE35)
+    return h ^ (h >> 16)
+
+
+def row_uniforms(seeds: jax.Array, steps: jax.Array, vocab: int) -> jax.Array:
+    """[S, V] uniforms in (0, 1), a pure function of (seed, step, token id).
+
+    A threefry key per row (from ``seed``, folded with ``step``) seeds a
+    counter hash over the token ids: the same (seed, step) gives the same
+    numbers whatever else is in the batch, at a tenth of threefry's cost
+    over the whole vocabulary.
+    """
+    def row_key(seed, step):
+        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
+        return jax.random.bits(key, (), jnp.uint32)
+
+    keys = jax.vmap(row_key)(seeds, steps)[:, None]  # [S, 1]
+    idx = jnp.arange(vocab, dtype=jnp.uint32)[None, :]
+    h = _mix32(_mix32((idx * jnp.uint32(0x9E3779B9)) ^ keys) + keys)
+    return ((h >> 8).astype(jnp.float32) + 0.5) * (1.0 / (1 << 24))
+
+
+def exponential_race(scaled: jax.Array, seeds: jax.Array, steps: jax.Array) -> jax.Array:
+    """Samples softmax(scaled) per row: argmax of p_i / E_i with E_i ~ Exp(1).
+
+    Equivalent to the Gumbel-max trick (argmax scaled_i - log E_i) with one
+    exp and one log per entry; masked entries (-1e30) have p = 0 and never
+    win. [S, V] -> [S] i32.
+    """
+    probs = jnp.exp(scaled - jnp.max(scaled, axis=-1, keepdims=True))
+    noise = -jnp.log(row_uniforms(seeds, steps, scaled.shape[-1]))
+    return first_argmax(probs / noise)
+
+
 def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
     """Samples one token per row.
 
@@ -140,19 +191,18 @@ def sample(logits: jax.Array, st: SamplingTensors) -> SampleResult:
         x = jnp.where(st.has_allowed[:, None] & ~allowed, _NEG, x)
     if st.do_mask:
         x = jnp.where(unpack_bitmask(st.token_bitmask, vocab), x, _NEG)
-    greedy = jnp.argmax(x, axis=-1).astype(jnp.int32)
+    greedy = first_argmax(x)
 
-    scaled = x / jnp.maximum(st.temperature, 1e-6)[:, None]
-    if st.do_top:
-        scaled = _top_filter(scaled, st)
+    def _sampled(x):
+        scaled = x / jnp.maximum(st.temperature, 1e-6)[:, None]
+        if st.do_top:
+            scaled = _top_filter(scaled, st)
+        sampled = exponential_race(scaled, st.seeds, st.steps)
+        return jnp.where(st.temperature <= 0.0, greedy, sampled)
 
-    def _gumbel(seed, step):
-        key = jax.random.fold_in(jax.random.PRNGKey(seed), step)
-        return jax.random.gumbel(key, (vocab,), jnp.float32)
-
-    noise = jax.vmap(_gumbel)(st.seeds, st.steps)
-    sampled = jnp.argmax(scaled + noise, axis=-1).astype(jnp.int32)
-    tokens = jnp.where(st.temperature <= 0.0, greedy, sampled)
+    # An all-greedy batch (the common serving case) skips the noise and the
+    # second arg-max: a real conditional on the CPU, ~15 ms at 32 x 49k.
+    tokens = jax.lax.cond(jnp.any(st.temperature > 0.0), _sampled, lambda x: greedy, x)
 
     tok_lp = jnp.take_along_axis(logits, tokens[:, None], axis=-1)[:, 0] - lse
     if st.num_logprobs > 0:  # ranks and alternatives only when someone asks

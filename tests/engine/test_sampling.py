@@ -91,3 +91,37 @@ def test_prompt_logprobs_score_the_next_tokens():
     ref = x - np.log(np.exp(x).sum(-1, keepdims=True))
     np.testing.assert_allclose(lp, ref[np.arange(4), nxt], rtol=1e-5, atol=1e-5)
     assert top_ids.shape == (4, 2)
+
+
+def test_first_argmax_takes_the_first_of_tied_maxima():
+    from serving.engine.sampling import first_argmax
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [-1e30, -1e30, -1e30, -1e30], [0.0, 0.0, 0.0, 5.0]],
+                 np.float32)
+    np.testing.assert_array_equal(first_argmax(x), x.argmax(-1))
+    y = _logits(64, seed=5)
+    np.testing.assert_array_equal(first_argmax(y), y.argmax(-1))
+
+
+def test_mixed_batch_greedy_rows_stay_greedy_and_sampled_rows_vary():
+    x = np.zeros((8, V), np.float32)
+    x[:, 3] = 0.5  # a flat-ish distribution: argmax 3, but sampling spreads out
+    temps = [0.0, 1.0] * 4
+    toks = [np.asarray(sample(x, _st(8, temperature=temps, seeds=np.arange(8) + 100 * s,
+                                     steps=[s] * 8)).tokens) for s in range(20)]
+    toks = np.stack(toks)  # [steps, rows]
+    assert (toks[:, 0::2] == 3).all()
+    assert len(set(toks[:, 1::2].ravel().tolist())) > 5
+
+
+def test_row_uniforms_are_uniform_and_keyed_by_seed_and_step():
+    from serving.engine.sampling import row_uniforms
+    u = np.asarray(row_uniforms(np.array([1, 1, 2], np.uint32), np.array([0, 1, 0], np.int32),
+                                50_000))
+    assert ((u > 0) & (u < 1)).all()
+    for row in u:  # each decile holds ~10% of the draws
+        hist = np.histogram(row, bins=10, range=(0, 1))[0] / row.size
+        np.testing.assert_allclose(hist, 0.1, atol=0.01)
+    assert abs(np.corrcoef(u[0], u[1])[0, 1]) < 0.02  # the step changes the stream
+    assert abs(np.corrcoef(u[0], u[2])[0, 1]) < 0.02  # so does the seed
+    again = np.asarray(row_uniforms(np.array([2], np.uint32), np.array([0], np.int32), 50_000))
+    np.testing.assert_array_equal(again[0], u[2])
