@@ -35,6 +35,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 constexpr int kQueryBlock = 16;  // query tokens per work item
+constexpr int kPrefetchPages = 1;  // pages ahead whose lines are prefetched
 constexpr float kNegInf = -INFINITY;
 
 struct Problem {
@@ -141,6 +142,77 @@ inline float exp_shifted(float* scores, int64_t n, float shift) {
   }
   return _mm512_reduce_add_ps(sum);
 }
+
+// Sums of 16 vectors at once: lane t of the result is the sum of the lanes of
+// the input at kTokenSlot[t] (a transpose-and-add tree, 15 shuffle/add pairs
+// for 16 dot products instead of a horizontal reduction each).
+constexpr int kTokenSlot[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+
+inline __m512 transpose_sum16(const __m512* p) {
+  __m512 q[8], r[4], s[2];
+  for (int i = 0; i < 8; ++i)
+    q[i] = _mm512_add_ps(_mm512_shuffle_f32x4(p[i], p[i + 8], 0x44),
+                         _mm512_shuffle_f32x4(p[i], p[i + 8], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    r[i] = _mm512_add_ps(_mm512_shuffle_f32x4(q[i], q[i + 4], 0x88),
+                         _mm512_shuffle_f32x4(q[i], q[i + 4], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    s[i] = _mm512_add_ps(_mm512_unpacklo_ps(r[i], r[i + 2]), _mm512_unpackhi_ps(r[i], r[i + 2]));
+  const __m512d s0 = _mm512_castps_pd(s[0]), s1 = _mm512_castps_pd(s[1]);
+  return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(s0, s1)),
+                       _mm512_castpd_ps(_mm512_unpackhi_pd(s0, s1)));
+}
+
+// One row's pass over one page (up to 16 tokens), all in registers: the
+// scores of the page's tokens as one vector (masked lanes -inf), the online
+// softmax update of (m, l), and acc = acc * c + sum_t p_t v_t. NV = D / 16.
+// The arithmetic depends only on the row and the page, never on the batch.
+template <int NV, typename KV>
+inline void page_row(const float* q, const KV* K, const KV* V, int64_t stride, int64_t nt,
+                     __mmask16 visible, float soft_cap, float& m, float& l, float* acc) {
+  __m512 part[16];
+#pragma GCC unroll 16
+  for (int t = 0; t < 16; ++t) {
+    __m512 a0 = _mm512_setzero_ps(), a1 = _mm512_setzero_ps();
+    if (t < nt) {
+      const KV* k = K + t * stride;
+      for (int v = 0; v + 1 < NV; v += 2) {
+        a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v), load16(k + 16 * v), a0);
+        a1 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * v + 16), load16(k + 16 * v + 16), a1);
+      }
+      if (NV % 2) a0 = _mm512_fmadd_ps(_mm512_loadu_ps(q + 16 * (NV - 1)),
+                                       load16(k + 16 * (NV - 1)), a0);
+    }
+    part[kTokenSlot[t]] = _mm512_add_ps(a0, a1);
+  }
+  __m512 s = transpose_sum16(part);
+  if (soft_cap != 0.0f) {
+    alignas(64) float tmp[16];
+    _mm512_store_ps(tmp, s);
+    for (int t = 0; t < 16; ++t) tmp[t] = soft_cap * std::tanh(tmp[t] / soft_cap);
+    s = _mm512_load_ps(tmp);
+  }
+  s = _mm512_mask_mov_ps(_mm512_set1_ps(kNegInf), visible, s);
+  const float page_max = _mm512_reduce_max_ps(s);
+  const float m_new = std::max(m, page_max);
+  if (m_new == kNegInf) return;  // nothing visible yet
+  const float c = std::exp(m - m_new);  // exp(-inf) = 0 on the first page
+  const __m512 e = exp16(_mm512_sub_ps(s, _mm512_set1_ps(m_new)));  // masked lanes: 0
+  l = l * c + _mm512_reduce_add_ps(e);
+  m = m_new;
+  alignas(64) float w[16];
+  _mm512_store_ps(w, e);
+  __m512 o[NV];
+  const __m512 cv = _mm512_set1_ps(c);
+  for (int v = 0; v < NV; ++v) o[v] = _mm512_mul_ps(_mm512_loadu_ps(acc + 16 * v), cv);
+  for (int64_t t = 0; t < nt; ++t) {
+    const __m512 wt = _mm512_set1_ps(w[t]);
+    const KV* vt = V + t * stride;
+    for (int v = 0; v < NV; ++v) o[v] = _mm512_fmadd_ps(wt, load16(vt + 16 * v), o[v]);
+  }
+  for (int v = 0; v < NV; ++v) _mm512_storeu_ps(acc + 16 * v, o[v]);
+}
+#define JAX_SERVE_PAGE_ROW 1
 #else
 template <typename KV>
 inline float dot(const float* a, const KV* b, int64_t n) { return dot_generic(a, b, n); }
@@ -197,15 +269,18 @@ void run_item(const Problem& p, int64_t item) {
     const int64_t t0 = std::max<int64_t>(j * P, kv_lo), t1 = std::min<int64_t>(j * P + P, kv_hi);
     const int64_t nt = t1 - t0;
     const int64_t offset = layer_base + (table[j] * P + (t0 - j * P)) * row_stride;
-    if ((j + 1) * P < kv_hi) {  // the next page streams in while this one is used
-      const int64_t esize = sizeof(KV);
-      const int64_t next = (layer_base + table[j + 1] * P * row_stride) * esize;
-      const char* kn = static_cast<const char*>(p.k) + next;
-      const char* vn = static_cast<const char*>(p.v) + next;
-      for (int64_t b = 0; b < P * row_stride * esize; b += 64) {
-        __builtin_prefetch(kn + b);
-        __builtin_prefetch(vn + b);
-      }
+    // The next page streams in while this one is used: its cache lines are
+    // prefetched a share per row, interleaved with the arithmetic (all at once
+    // stalled on the full miss buffers).
+    const char* kn = nullptr;
+    const char* vn = nullptr;
+    const int64_t page_bytes = P * row_stride * static_cast<int64_t>(sizeof(KV));
+    const int64_t lines_per_row = (page_bytes / 64 + rows - 1) / rows;
+    const int64_t ahead = j + kPrefetchPages;
+    if (ahead * P < kv_hi) {
+      const int64_t next = (layer_base + table[ahead] * P * row_stride) * sizeof(KV);
+      kn = static_cast<const char*>(p.k) + next;
+      vn = static_cast<const char*>(p.v) + next;
     }
     const KV* K = static_cast<const KV*>(p.k) + offset;
     const KV* V = static_cast<const KV*>(p.v) + offset;
@@ -214,6 +289,31 @@ void run_item(const Problem& p, int64_t item) {
       const KV* kh = K + row_head[r] * D;
       const KV* vh = V + row_head[r] * D;
       const int64_t qpos = row_pos[r];
+      if (kn != nullptr) {
+        const int64_t end = std::min(page_bytes, (r + 1) * lines_per_row * 64);
+        for (int64_t b = r * lines_per_row * 64; b < end; b += 64) {
+          __builtin_prefetch(kn + b);
+          __builtin_prefetch(vn + b);
+        }
+      }
+#ifdef JAX_SERVE_PAGE_ROW
+      if constexpr (DT > 0 && DT % 16 == 0) {
+        // 16 tokens at a time; visible lanes: causal and inside the window.
+        for (int64_t b = 0; b < nt; b += 16) {
+          const int64_t nb = std::min<int64_t>(16, nt - b), kpos0 = t0 + b;
+          const int64_t hi = std::min<int64_t>(nb, qpos - kpos0 + 1);
+          int64_t lo = 0;
+          if (p.sliding_window > 0)
+            lo = std::max<int64_t>(0, qpos - p.sliding_window + 1 - kpos0);
+          __mmask16 vis = 0;
+          if (hi > lo)
+            vis = static_cast<__mmask16>(((1u << hi) - 1u) & ~((1u << std::min<int64_t>(lo, 16)) - 1u));
+          page_row<DT / 16, KV>(qr, kh + b * row_stride, vh + b * row_stride, row_stride, nb,
+                                vis, p.soft_cap, m[r], l[r], acc.data() + r * D);
+        }
+        continue;
+      }
+#endif
       // scores[t] = q_r . k_t, masked causally / by the window.
       float page_max = kNegInf;
       for (int64_t t = 0; t < nt; ++t) {
