@@ -306,8 +306,12 @@ def main(argv=None) -> int:
     print_table(s, args, model)
     if args.json_out:
         with open(args.json_out, "w") as f:
+            t0 = min((r.start for r in results), default=0.0)
+            per_request = [{"start_s": round(r.start - t0, 4), "ttft_s": round(r.ttft, 4),
+                            "e2e_s": round(r.e2e, 4), "output_tokens": r.output_tokens,
+                            "error": r.error} for r in results]
             json.dump({"args": vars(args), "model": model, "summary": s,
-                       "label": args.label}, f, indent=2)
+                       "label": args.label, "requests": per_request}, f, indent=2)
     return 0 if s["failed"] == 0 else 1
 
 
