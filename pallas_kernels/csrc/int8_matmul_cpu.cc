@@ -43,6 +43,7 @@ namespace {
 constexpr int kLanes = 16;     // output columns per packed block
 constexpr int kTileBlocks = 4;  // blocks per work item (64 columns)
 constexpr int kRowTile = 4;     // rows sharing each weight load
+constexpr int kWoRowTile = 6;   // the same for the weight-only kernel
 
 struct Problem {
   const uint8_t* xq;     // [M, Kq * 4] x + 128
@@ -54,13 +55,18 @@ struct Problem {
   int64_t m, n, kq, nb;
 };
 
-// Rows [0, m) in tiles of kRowTile, then one tile of the 1-3 left over:
+// Rows [0, m) in tiles of RowTile, then one tile of the 1-(RowTile - 1) left over:
 // tile(std::integral_constant<int, R>{}, r0) handles rows [r0, r0 + R).
-template <typename Tile>
+template <int RowTile = kRowTile, typename Tile>
 inline void for_row_tiles(int64_t m, Tile tile) {
+  static_assert(RowTile >= 4 && RowTile <= 8, "remainder tiles cover 1-7 rows");
   int64_t r = 0;
-  for (; r + kRowTile <= m; r += kRowTile) tile(std::integral_constant<int, kRowTile>{}, r);
+  for (; r + RowTile <= m; r += RowTile) tile(std::integral_constant<int, RowTile>{}, r);
   switch (m - r) {
+    case 7: if constexpr (RowTile > 7) tile(std::integral_constant<int, 7>{}, r); break;
+    case 6: if constexpr (RowTile > 6) tile(std::integral_constant<int, 6>{}, r); break;
+    case 5: if constexpr (RowTile > 5) tile(std::integral_constant<int, 5>{}, r); break;
+    case 4: if constexpr (RowTile > 4) tile(std::integral_constant<int, 4>{}, r); break;
     case 3: tile(std::integral_constant<int, 3>{}, r); break;
     case 2: tile(std::integral_constant<int, 2>{}, r); break;
     case 1: tile(std::integral_constant<int, 1>{}, r); break;
@@ -240,7 +246,10 @@ inline void wo_tile(const WoProblem& p, int64_t r0, int64_t b0) {
 
 template <int B>
 inline void wo_rows(const WoProblem& p, int64_t b0) {
-  for_row_tiles(p.m, [&](auto rows, int64_t r0) { wo_tile<decltype(rows)::value, B>(p, r0, b0); });
+  // 6 rows x 4 blocks: 24 accumulators; each widened weight vector feeds 6 FMAs
+  for_row_tiles<kWoRowTile>(p.m, [&](auto rows, int64_t r0) {
+    wo_tile<decltype(rows)::value, B>(p, r0, b0);
+  });
 }
 
 ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,

@@ -73,7 +73,8 @@ def test_rejects_mismatched_weight():
         cpu_int8.int8_matmul_cpu(jnp.ones((1, 12), jnp.float32), packed, colsum, s)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (3, 64, 16), (6, 72, 200), (33, 40, 96)])
+@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (3, 64, 16), (6, 72, 200), (10, 40, 96),
+                                   (11, 72, 200), (33, 40, 96)])
 def test_weight_only_equals_float_of_dequantized(m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
