@@ -8,6 +8,7 @@ transformers' greedy ``generate`` token for token.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import numpy as np
@@ -43,11 +44,13 @@ def _split(path: str) -> tuple[str, str]:
     return os.path.dirname(path), os.path.basename(path)
 
 
+@functools.lru_cache(maxsize=None)  # parsing a GGUF's metadata takes transformers ~25 s (Gemma 3)
 def _hf_config(path: str):
     folder, name = _split(path)
     return transformers.AutoConfig.from_pretrained(folder, gguf_file=name)
 
 
+@functools.lru_cache(maxsize=None)
 def _reference_tensors(path: str) -> dict[str, np.ndarray]:
     """Tensors exactly as transformers' GGUF loader produces them (no model weights)."""
     from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
@@ -125,9 +128,14 @@ def _greedy_pairs(path: str, prompts: list[list[int]], max_new_tokens: int):
     from model.loader import load_model
 
     loaded = load_model(path, "float32", with_tokenizer=False)
-    folder, name = _split(path)
-    ref = transformers.AutoModelForCausalLM.from_pretrained(
-        folder, gguf_file=name, dtype=torch.float32).eval()
+    # transformers' model with the tensors its own GGUF loader produced (what
+    # from_pretrained(gguf_file=...) builds, without parsing the file again)
+    ref = transformers.AutoModelForCausalLM.from_config(_hf_config(path))
+    state = {k: torch.from_numpy(v) for k, v in _reference_tensors(path).items()}
+    missing, unexpected = ref.load_state_dict(state, strict=False)
+    assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+    ref.tie_weights()
+    ref = ref.float().eval()
     pairs = []
     for ids in prompts:
         ours = greedy_generate(loaded, ids, max_new_tokens)
