@@ -20,7 +20,7 @@ from flax import nnx
 
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
-from model.layers import MLP, Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq
+from model.layers import MLP, Embedding, Linear, RMSNorm, apply_rope, rope_inv_freq, rope_tables
 from pallas_kernels.dispatch import ragged_paged_attention, write_kv
 from sharding.attention import tensor_parallel_attention
 
@@ -53,8 +53,13 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: KVCache,
-                 md: AttentionMetadata) -> tuple[jax.Array, KVCache]:
-        """``x: [T, hidden] -> ([T, hidden], updated cache)``."""
+                 md: AttentionMetadata, rope_cache: dict | None = None
+                 ) -> tuple[jax.Array, KVCache]:
+        """``x: [T, hidden] -> ([T, hidden], updated cache)``.
+
+        ``rope_cache`` (trace-time dict) shares the RoPE cos/sin tables between
+        layers with the same frequencies.
+        """
         num_tokens = x.shape[0]
         if self.qkv is not None:
             q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
@@ -68,8 +73,12 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
+        rope_cache = {} if rope_cache is None else rope_cache
+        key = inv_freq.tobytes()
+        if key not in rope_cache:
+            rope_cache[key] = rope_tables(positions, inv_freq)
+        q = apply_rope(q, positions, inv_freq, rope_cache[key])
+        k = apply_rope(k, positions, inv_freq, rope_cache[key])
 
         def attend(q, k, v, k_cache, v_cache, block_tables, seq_lens, qsl, slots):
             # Per shard under tensor parallelism: q/k/v/caches hold this device's heads.
@@ -106,8 +115,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size, hidden_act=c.hidden_act,
                        dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, kv_cache, md):
-        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md)
+    def __call__(self, x, positions, kv_cache, md, rope_cache=None):
+        h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md,
+                                     rope_cache)
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -160,8 +170,9 @@ class DecoderLM(nnx.Module):
         if self.config.is_gemma:
             # Like transformers: the scale is cast to the weight dtype first.
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
+        rope_cache: dict = {}  # one cos/sin pair per distinct RoPE frequency set
         for layer in self.layers:
-            x, kv_cache = layer(x, positions, kv_cache, md)
+            x, kv_cache = layer(x, positions, kv_cache, md, rope_cache)
         return self.norm(x), kv_cache
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:

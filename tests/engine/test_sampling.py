@@ -95,8 +95,8 @@ def test_prompt_logprobs_score_the_next_tokens():
 
 def test_first_argmax_takes_the_first_of_tied_maxima():
     from serving.engine.sampling import first_argmax
-    x = np.array([[1.0, 3.0, 3.0, 0.0], [-1e30, -1e30, -1e30, -1e30], [0.0, 0.0, 0.0, 5.0]],
-                 np.float32)
+    x = np.array([[1.0, 3.0, 3.0, 0.0], [-1e30, -1e30, -1e30, -1e30], [0.0, 0.0, 0.0, 5.0],
+                  [0.0, np.nan, 9.0, np.nan], [-np.inf, -np.inf, -np.inf, -np.inf]], np.float32)
     np.testing.assert_array_equal(first_argmax(x), x.argmax(-1))
     y = _logits(64, seed=5)
     np.testing.assert_array_equal(first_argmax(y), y.argmax(-1))
