@@ -73,12 +73,13 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)
-        rope_cache = {} if rope_cache is None else rope_cache
+        if rope_cache is None:
+            rope_cache = {}
         key = inv_freq.tobytes()
         if key not in rope_cache:
             rope_cache[key] = rope_tables(positions, inv_freq)
-        q = apply_rope(q, positions, inv_freq, rope_cache[key])
-        k = apply_rope(k, positions, inv_freq, rope_cache[key])
+        q = apply_rope(q, rope_cache[key])
+        k = apply_rope(k, rope_cache[key])
 
         def attend(q, k, v, k_cache, v_cache, block_tables, seq_lens, qsl, slots):
             # Per shard under tensor parallelism: q/k/v/caches hold this device's heads.

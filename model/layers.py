@@ -143,28 +143,25 @@ def rope_tables(positions: jax.Array, inv_freq: np.ndarray) -> tuple[jax.Array, 
 
     Computed once per forward pass and shared by every layer with the same
     frequencies: left inside each layer's fusion, XLA:CPU evaluated sin and
-    cos per element of every head of q and k, in every layer (~6 ms of a
-    32-row SmolLM2 decode step).
+    cos per element of every head of q and k, in every layer (SmolLM2, 32
+    decode rows: RoPE fusions 5.3 -> 2.8 ms per step).
     """
     freqs = positions.astype(jnp.float32)[:, None] * jnp.asarray(inv_freq)[None, :]  # [T, D/2]
     emb = jnp.concatenate([freqs, freqs], axis=-1)  # [T, D]
     return jnp.cos(emb), jnp.sin(emb)
 
 
-def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray,
-               tables: tuple[jax.Array, jax.Array] | None = None) -> jax.Array:
+def apply_rope(x: jax.Array, tables: tuple[jax.Array, jax.Array]) -> jax.Array:
     """Rotates ``x`` (half-split layout, as Hugging Face Llama).
 
     Args:
       x: [num_tokens, num_heads, head_dim].
-      positions: [num_tokens] int32 absolute positions.
-      inv_freq: [head_dim // 2] float32.
-      tables: ``rope_tables(positions, inv_freq)`` when already computed.
+      tables: ``rope_tables(positions, inv_freq)``, each [num_tokens, head_dim].
 
     Returns:
       [num_tokens, num_heads, head_dim] in x's dtype.
     """
-    cos, sin = tables if tables is not None else rope_tables(positions, inv_freq)
+    cos, sin = tables
     cos = cos.astype(x.dtype)[:, None, :]  # [T, 1, D]
     sin = sin.astype(x.dtype)[:, None, :]
     half = x.shape[-1] // 2
