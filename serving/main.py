@@ -21,7 +21,7 @@ import sys
 from typing import Optional, Sequence
 
 from serving.config import ServerConfig
-from serving.engine.config import EngineConfig
+from serving.engine.config import DTYPES, EngineConfig
 
 logger = logging.getLogger("serving.main")
 
@@ -48,8 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="HF folder, GGUF file or converted folder; default: embedded SmolLM2")
     g.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) the API accepts in `model`; the first is reported")
-    g.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16"])
-    g.add_argument("--kv-cache-dtype", default=None, choices=["auto", "float32", "bfloat16"],
+    g.add_argument("--dtype", default="auto", choices=DTYPES)
+    g.add_argument("--kv-cache-dtype", default=None, choices=DTYPES,
                    help="KV cache storage; auto: the model's dtype. bfloat16 halves the cache's "
                         "bytes (llama.cpp's default cache is float16)")
     g.add_argument("--max-model-len", "--context-length", dest="max_model_len", type=int,

@@ -6,6 +6,9 @@ import dataclasses
 from typing import Optional
 
 
+DTYPES = ("auto", "float32", "bfloat16")  # --dtype and --kv-cache-dtype
+
+
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
     """Everything the engine needs to load a model and size its KV cache.
@@ -41,9 +44,9 @@ class EngineConfig:
     max_queue_size: int = 1024  # waiting requests beyond this are refused (503)
 
     def __post_init__(self) -> None:
-        if self.dtype not in ("auto", "float32", "bfloat16"):
+        if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.kv_cache_dtype not in ("auto", "float32", "bfloat16"):
+        if self.kv_cache_dtype not in DTYPES:
             raise ValueError("kv_cache_dtype must be auto, float32 or bfloat16, got "
                              f"{self.kv_cache_dtype!r}")
         if self.quantization not in (None, "w8a8_int8"):
