@@ -36,3 +36,24 @@ class UnsupportedOperationError(EngineError, RuntimeError):
 class RequestFailedError(EngineError, RuntimeError):
     """A request failed inside the engine (a device error, a guide matcher
     or detokenizer that raised, NaN logits): HTTP 500, that request only."""
+
+
+def context_length_message(max_model_len: int, num_prompt_tokens: int,
+                           max_tokens: int | None, where: str = "prompt") -> str:
+    """The one wording of a request that does not fit the context (vLLM's).
+
+    Args:
+        max_model_len: the context length.
+        num_prompt_tokens: the prompt's length.
+        max_tokens: the completion length asked for (None: the prompt alone
+            leaves no room).
+        where: what the prompt is called in the request ("prompt", "messages").
+    """
+    if max_tokens is None:
+        return (f"This model's maximum context length is {max_model_len} tokens. However, you "
+                f"requested {num_prompt_tokens} tokens in the {where}, leaving no room for the "
+                f"completion. Please reduce the length of the {where}.")
+    return (f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {num_prompt_tokens + max_tokens} tokens ({num_prompt_tokens} in the "
+            f"{where}, {max_tokens} in the completion). Please reduce the length of the "
+            f"{where} or completion.")
