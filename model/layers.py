@@ -16,7 +16,7 @@ from flax import nnx
 
 from model.config import RopeScaling
 from model.quant import int8_matmul
-from pallas_kernels.cpu_int8 import int8_matmul_cpu, int8_weight_matmul_cpu
+from pallas_kernels.cpu.int8 import int8_matmul_cpu, int8_weight_matmul_cpu
 
 _INIT = nnx.initializers.normal(0.02)
 

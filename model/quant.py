@@ -80,7 +80,7 @@ def int8_matmul(x: jax.Array, q: jax.Array, scale: jax.Array, *,
 def _quantize_linear(module, packed: bool) -> None:
     q, s = quantize_weight(module.kernel[...], axis=0)
     if packed:
-        from pallas_kernels.cpu_int8 import pack_int8_weight
+        from pallas_kernels.cpu.int8 import pack_int8_weight
 
         q, colsum = pack_int8_weight(q)
         module.colsum = nnx.Param(colsum)
@@ -90,7 +90,7 @@ def _quantize_linear(module, packed: bool) -> None:
 
 def _quantize_attention_weight_only(attn) -> None:
     """q|k|v fused, and o, as int8 weights with float activations (CPU kernel)."""
-    from pallas_kernels.cpu_int8 import pad_int8_weight
+    from pallas_kernels.cpu.int8 import pad_int8_weight
 
     if attn.qkv is not None:
         return
@@ -118,7 +118,7 @@ def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
 
     Args:
       packed: store the int8 kernels in the CPU FFI kernels' layouts
-        (``pallas_kernels/cpu_int8.py``; unsharded CPU weights only) instead
+        (``pallas_kernels/cpu/int8.py``; unsharded CPU weights only) instead
         of ``[in, out]`` for XLA's dot, with gate|up fused. The tied embedding
         keeps its table for lookups and gains a packed copy for the LM head.
         The attention projections then take int8 weights too, but keep float
@@ -157,7 +157,7 @@ def quantize_model(graphdef: nnx.GraphDef, state: nnx.State, method: str, *,
         emb.embedding = nnx.Param(q)
         emb.scale = nnx.Param(s)
         if packed and model.lm_head is None:
-            from pallas_kernels.cpu_int8 import pack_int8_weight
+            from pallas_kernels.cpu.int8 import pack_int8_weight
 
             lm_packed, colsum = pack_int8_weight(q.T)
             emb.packed = nnx.Param(lm_packed)

@@ -6,7 +6,7 @@ Backends (the values of the server's ``--attention-backend`` flag):
   ``"pallas_tpu"``, ``gpu``/``cuda``/``rocm`` -> ``"pallas_gpu"``, anything else
   (CPU) -> ``"cpu"`` where its kernel builds, else ``"xla"``.
 * ``"xla"``: the pure-jnp reference (``reference.py``).
-* ``"cpu"``: the C++ FFI kernel (``cpu_attention.py``), which reads KV pages
+* ``"cpu"``: the C++ FFI kernel (``cpu/attention.py``), which reads KV pages
   in place; cache dtypes it does not take go to the reference. The KV write
   is the reference's in-place scatter.
 * ``"pallas_tpu"`` / ``"pallas_gpu"``: the Pallas kernels, compiled for the
@@ -52,7 +52,7 @@ def resolve_backend(backend: str = "auto") -> str:
         return "pallas_tpu"
     if platform in ("gpu", "cuda", "rocm"):
         return "pallas_gpu"
-    from pallas_kernels import cpu_attention
+    from pallas_kernels.cpu import attention as cpu_attention
     return "cpu" if cpu_attention.available() else "xla"
 
 
@@ -86,7 +86,7 @@ def ragged_paged_attention(q, k_cache, v_cache, layer, block_tables, seq_lens,
                   sliding_window=sliding_window, soft_cap=soft_cap)
     args = (q, k_cache, v_cache, layer, block_tables, seq_lens, query_start_loc)
     if backend == "cpu":
-        from pallas_kernels import cpu_attention
+        from pallas_kernels.cpu import attention as cpu_attention
         if cpu_attention.supports(q, k_cache):
             return cpu_attention.ragged_paged_attention_cpu(*args, **kwargs)
         backend = "xla"

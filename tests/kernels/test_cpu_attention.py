@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels import cpu_attention, dispatch
+from pallas_kernels import dispatch
+from pallas_kernels.cpu import attention as cpu_attention
 from pallas_kernels.reference import BF16_STORAGE, ragged_paged_attention_ref, to_storage
 from pallas_kernels.testing import make_attention_case
 

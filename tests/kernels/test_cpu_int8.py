@@ -16,7 +16,7 @@ import pytest
 from flax import nnx
 
 from model.quant import int8_matmul, quantize_weight
-from pallas_kernels import cpu_int8
+from pallas_kernels.cpu import int8 as cpu_int8
 
 pytestmark = pytest.mark.skipif(not cpu_int8.available(),
                                 reason="no C++ compiler to build the CPU kernels")

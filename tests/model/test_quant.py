@@ -87,7 +87,7 @@ def test_smollm2_quantized_logits_track_float32():
 
     # The CPU kernels' layout (attention projections weight-only int8 on top)
     # tracks float32 as closely as the XLA path does.
-    from pallas_kernels import cpu_int8
+    from pallas_kernels.cpu import int8 as cpu_int8
     if cpu_int8.available():
         gp, sp = quantize_model(lm.graphdef, lm.state, "w8a8_int8", packed=True)
         packed = logits(gp, sp)

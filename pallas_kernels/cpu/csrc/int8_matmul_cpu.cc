@@ -8,7 +8,7 @@
 //   w:       [N/16, K/4, 16, 4] int8 (N, K padded up to 16 and 4 with zeros):
 //            16 output columns x 4 reduction steps per 64-byte vector, the
 //            operand layout of AVX-512 VNNI's vpdpbusd, packed once at load
-//            time (pack_int8_weight in pallas_kernels/cpu_int8.py).
+//            time (pack_int8_weight in pallas_kernels/cpu/int8.py).
 //   colsum:  [N/16 * 16] int32, sum over k of w[k, n]: vpdpbusd multiplies
 //            unsigned by signed bytes, so x goes in as x + 128 and 128 *
 //            colsum comes off the int32 result (exact integer arithmetic).

@@ -14,10 +14,10 @@ import math
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import cpu_ffi
+from pallas_kernels.cpu import ffi
 
-TARGET = cpu_ffi.TARGETS["Int8MatmulCpu"]
-available = cpu_ffi.available
+TARGET = ffi.TARGETS["Int8MatmulCpu"]
+available = ffi.available
 
 
 def pack_int8_weight(q: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -61,7 +61,7 @@ def int8_matmul_cpu(x: jax.Array, packed: jax.Array, colsum: jax.Array,
     return y.reshape(*lead, n)
 
 
-WEIGHT_ONLY_TARGET = cpu_ffi.TARGETS["Int8WeightMatmulCpu"]
+WEIGHT_ONLY_TARGET = ffi.TARGETS["Int8WeightMatmulCpu"]
 
 
 def pad_int8_weight(q: jax.Array) -> jax.Array:

@@ -1,6 +1,6 @@
 """Ragged paged attention on the CPU through a C++ XLA FFI kernel.
 
-The kernel (``csrc/paged_attention_cpu.cc``, built by ``cpu_ffi``) reads KV
+The kernel (``csrc/paged_attention_cpu.cc``, built by ``ffi.py``) reads KV
 pages in place; the pure-jnp reference gathers them first, which XLA on the
 CPU runs as an element loop followed by tiny batched matmuls (see the
 kernel's header for numbers).
@@ -12,11 +12,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import cpu_ffi
+from pallas_kernels.cpu import ffi
 from pallas_kernels.common import validate_attention_inputs
 
-TARGET = cpu_ffi.TARGETS["PagedAttentionCpu"]
-available = cpu_ffi.available
+TARGET = ffi.TARGETS["PagedAttentionCpu"]
+available = ffi.available
 _CACHE_DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.uint16))
 
 
