@@ -26,6 +26,9 @@ class ServerConfig:
         max_log_len: characters of a prompt shown in request logs.
         max_n: largest ``n``/``best_of`` a request may ask for.
         root_path: ASGI root path when served behind a path-prefixing proxy.
+        api_dialect: ``--api-dialect``: "vllm" (default) or "sglang" shapes on
+            the shared rerank paths; "lmdeploy" sends ``/generate`` bodies of
+            shared fields only (``input_ids``, ...) to LMDeploy's parser.
     """
 
     host: Optional[str] = None
@@ -39,12 +42,16 @@ class ServerConfig:
     max_log_len: int = 200
     max_n: int = 128
     root_path: str = ""
+    api_dialect: str = "vllm"
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.api_key is not None and not self.api_key:
             raise ValueError("api_key must not be empty")
+        if self.api_dialect not in ("vllm", "sglang", "lmdeploy"):
+            raise ValueError(f"api_dialect must be vllm, sglang or lmdeploy, got "
+                             f"{self.api_dialect!r}")
         if self.max_n < 1:
             raise ValueError("max_n must be at least 1")
         object.__setattr__(self, "served_model_names", tuple(self.served_model_names))

@@ -180,7 +180,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
                                  response_role=args.response_role,
                                  enable_request_id_headers=args.enable_request_id_headers,
                                  disable_log_requests=args.disable_log_requests,
-                                 max_log_len=args.max_log_len, root_path=args.root_path)
+                                 max_log_len=args.max_log_len, root_path=args.root_path,
+                                 api_dialect=args.api_dialect)
     return engine_config, server_config
 
 
@@ -207,8 +208,6 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig,
         engine = build_engine(engine_config, native.get("task", "auto"),
                               native.get("is_embedding", False))
     app = create_app(engine, server_config)
-    from serving.api.native_common import native_state
-    native_state(app).api_dialect = native.get("api_dialect", "vllm")
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -259,7 +258,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if engine_config.node_rank > 0:
             from serving.engine.engine import LLMEngine
             return run_follower(LLMEngine(engine_config), engine_config)
-    native = dict(task=args.task, is_embedding=args.is_embedding, api_dialect=args.api_dialect)
+    native = dict(task=args.task, is_embedding=args.is_embedding)
     if args.task == "auto" and not args.is_embedding:
         from serving.engine.pooling_engine import detect_task
         if detect_task(engine_config.model) != "generate":  # a pooling checkpoint

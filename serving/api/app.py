@@ -1,30 +1,35 @@
 """The HTTP app: ``create_app(engine, config)`` builds a Quart app with no globals.
 
-A request's path through the server: the auth hook checks the API key (every
-route but the open ones), the route parses the JSON body into a pydantic model
-(``serving.api.protocol``; a bad body is a 400), maps it to ``SamplingParams``
-and prompt token ids (``serving.api.sampling``), adds one engine request per
-prompt (``serving.api.generation``), and turns the engine's cumulative
-snapshots into an OpenAI response or SSE chunks. Every error, including
-unknown routes and wrong methods, leaves as OpenAI-shaped JSON
-(``serving.api.errors``).
+A request's path through the server (ARCHITECTURE.md draws it): the auth hook
+checks the API key (every route but the open ones); a Blueprint handler
+(``serving.api.routes``) parses the JSON body into a pydantic model (a bad
+body is a 400); its dialect module renames the fields into
+``SamplingFields`` and ``request_mapping.build_request`` turns them into
+prompt ids and ``SamplingParams`` with every check; ``generation.Generation``
+adds one engine request per prompt and reads the engine's cumulative
+snapshots back (``finals`` for an answer, ``Deltas`` for a stream), and the
+dialect shapes them. Every error, including engine errors, unknown routes
+and wrong methods, leaves as OpenAI-shaped JSON (``serving.api.errors``).
 """
 
 from __future__ import annotations
 
 import hmac
 import logging
-from typing import Any, Optional
+from typing import Optional
 
 from quart import Quart, Response, request
 from werkzeug.exceptions import HTTPException
 
-from serving.api import admin_routes, openai_routes, openapi, tokenizer_routes
-from serving.api.admin_routes import server_version
-from serving.api.errors import APIError, error_response
+from serving.api import openapi
+from serving.api.errors import APIError, error_response, from_engine_error
 from serving.api.metrics import ServerMetrics
+from serving.api.routes import register_all
+from serving.api.routes.server import server_version
 from serving.api.state import ServerState
 from serving.config import ServerConfig
+from serving.engine.errors import EngineError
+from serving.engine.protocol import EngineClient
 
 logger = logging.getLogger(__name__)
 
@@ -32,13 +37,12 @@ logger = logging.getLogger(__name__)
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/openapi.json"})
 
 
-def create_app(engine: Any, config: Optional[ServerConfig] = None) -> Quart:
+def create_app(engine: EngineClient, config: Optional[ServerConfig] = None) -> Quart:
     """Builds the server app around ``engine``.
 
     Args:
-        engine: an AsyncEngine, or any object with its interface (``add_request``,
-            ``abort``, ``stats``, ``is_ready``, ``tokenizer``, ``model_config``,
-            ``max_model_len``, ``model_path``).
+        engine: an EngineClient (``serving.engine.protocol``): AsyncEngine,
+            PoolingEngine, or the tests' FakeEngine.
         config: the ServerConfig; default values when None.
 
     Returns:
@@ -56,11 +60,7 @@ def create_app(engine: Any, config: Optional[ServerConfig] = None) -> Quart:
 
     _install_hooks(app, state)
     _install_error_handlers(app, state)
-    openai_routes.register(app, state)
-    tokenizer_routes.register(app, state)
-    admin_routes.register(app, state)
-    from serving.api import native_routes  # SGLang / LMDeploy / RTP-LLM / pooling
-    native_routes.register(app, state)
+    register_all(app)
     openapi.register(app, "jax-serve", server_version())
     return app
 
@@ -101,6 +101,10 @@ def _install_error_handlers(app: Quart, state: ServerState) -> None:
         if err.status >= 500 and err.status != 503:
             logger.error("%s %s -> %d: %s", request.method, request.path, err.status, err.message)
         return _error(state, err)
+
+    @app.errorhandler(EngineError)
+    async def engine_error(err: EngineError):
+        return await api_error(from_engine_error(err))
 
     @app.errorhandler(HTTPException)
     async def http_error(err: HTTPException):

@@ -1,26 +1,28 @@
-"""POST /v1/chat/completions: messages -> chat template -> one engine request.
+"""POST /v1/chat/completions in the OpenAI shape: messages -> template -> one engine request.
 
 The prompt is rendered with the tokenizer's Jinja chat template (or the one
 given by ``--chat-template`` or the request's ``chat_template``) through
 ``tokenizer.apply_chat_template``. ``tools`` are handed to the template;
 ``tool_choice`` decides whether the output is constrained to a call and how
-tool calls are parsed out of it (``tools.py``).
+tool calls are parsed out of it (``tools.py``). ``messages`` may also be a
+plain string (LMDeploy: one user message); roles are vLLM's.
 """
 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, Union
 
+from serving.api.completions import abort_keys
 from serving.api.errors import APIError
-from serving.api.generation import Generation
+from serving.api.generation import Deltas, Generation
 from serving.api.logprobs import TokenText, chat_logprobs
 from serving.api.protocol import (ChatCompletionRequest, ChatCompletionResponse,
                                   ChatCompletionResponseChoice,
                                   ChatCompletionResponseStreamChoice,
-                                  ChatCompletionStreamResponse, ChatMessage, ChatResponseMessage,
+                                  ChatCompletionStreamResponse, ChatResponseMessage,
                                   DeltaMessage, UsageInfo)
-from serving.api.sampling import build_sampling_params, resolve_max_tokens, truncate
+from serving.api.request_mapping import build_request, openai_fields
 from serving.api.streaming import DONE, sse, sse_response
 from serving.api.tools import ToolPlan, ToolStream, finish_reason, parse_output, plan_tools
 
@@ -33,27 +35,38 @@ NO_TEMPLATE = (
     "in the request.")
 _RESERVED_KWARGS = {"conversation", "messages", "chat_template", "tokenize", "tools",
                     "documents", "add_generation_prompt", "continue_final_message"}
+# the roles vLLM's ChatCompletionMessageParam accepts
+ROLES = ("system", "developer", "user", "assistant", "tool", "function")
 
 
-def message_dicts(messages: list[ChatMessage], param: str = "messages") -> list[dict[str, Any]]:
+def message_dicts(messages: Union[str, list], param: str = "messages") -> list[dict[str, Any]]:
     """Flattens messages for the template; list content keeps only text parts.
 
+    Args:
+        messages: ChatMessage models or dicts; a plain string is one user
+            message (LMDeploy).
+
     Raises:
-        APIError: 400 for an empty list, an unsupported part type, or a part
-            without text.
+        APIError: 400 for an empty list, an unknown role, an unsupported part
+            type, or a part without text.
     """
+    if isinstance(messages, str):
+        messages = [{"role": "user", "content": messages}]
     if not messages:
         raise APIError("messages must contain at least one message", 400, param)
     out = []
     for k, m in enumerate(messages):
-        if not m.role:
-            raise APIError(f"messages[{k}].role must not be empty", 400, param)
-        d: dict[str, Any] = {"role": m.role}
-        content = m.content
+        m = m if isinstance(m, dict) else m.model_dump(exclude_none=True)
+        role = m.get("role")
+        if role not in ROLES:
+            raise APIError(f"messages[{k}].role must be one of {', '.join(ROLES)}; got "
+                           f"{role!r}", 400, param)
+        d: dict[str, Any] = {"role": role}
+        content = m.get("content")
         if isinstance(content, list):
             texts = []
             for part in content:
-                kind = part.get("type")
+                kind = part.get("type") if isinstance(part, dict) else None
                 if kind not in ("text", "input_text"):
                     raise APIError(f"messages[{k}]: content part type {kind!r} is not supported; "
                                    "this model accepts only text parts", 400, param)
@@ -61,11 +74,13 @@ def message_dicts(messages: list[ChatMessage], param: str = "messages") -> list[
                     raise APIError(f"messages[{k}]: a text part needs a string `text`", 400, param)
                 texts.append(part["text"])
             content = "\n".join(texts)
+        elif content is not None and not isinstance(content, str):
+            raise APIError(f"messages[{k}].content must be a string or a list of parts", 400,
+                           param)
         d["content"] = content if content is not None else ""
         for key in ("name", "tool_calls", "tool_call_id"):
-            val = getattr(m, key)
-            if val is not None:
-                d[key] = val
+            if m.get(key) is not None:
+                d[key] = m[key]
         out.append(d)
     return out
 
@@ -113,15 +128,13 @@ def _prompt_ids(state, req: ChatCompletionRequest) -> tuple[list[int], list[dict
     ids = state.tokenizer.encode(text, add_special_tokens=req.add_special_tokens)
     if not ids:
         raise APIError("the rendered prompt is empty", 400, "messages")
-    return truncate(ids, req.truncate_prompt_tokens), msgs
+    return ids, msgs
 
 
 async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str):
-    """Serves one chat completion request (streaming or not)."""
+    """Serves one chat completion: a ChatCompletionResponse or an SSE response."""
     model = state.check_model(req.model)
     plan = plan_tools(req)
-    if req.bad_words:
-        raise APIError("`bad_words` is not supported yet by this server.", 400, "bad_words")
     top = req.top_logprobs or 0
     if top and not req.logprobs:
         raise APIError("when using `top_logprobs`, `logprobs` must be set to true.", 400,
@@ -135,128 +148,119 @@ async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str
     param = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
     requested = req.max_completion_tokens if req.max_completion_tokens is not None \
         else req.max_tokens
-    max_tokens = resolve_max_tokens(requested, len(ids), state.max_model_len, param=param,
-                                    prompt_param="messages")
-    params = build_sampling_params(req, max_tokens=max_tokens,
-                                   logprobs=top if req.logprobs else None,
-                                   max_n=state.config.max_n,
-                                   vocab_size=int(state.engine.model_config.vocab_size),
-                                   guide=plan.guide)
-    state.check_ready()
-    echo = ""
+    fields = openai_fields(req, max_tokens=requested, logprobs=top if req.logprobs else None,
+                           guide=plan.guide, max_tokens_param=param)
+    er = build_request(state, [ids], fields, prompt_param="messages", where="messages",
+                       truncate_prompt_tokens=req.truncate_prompt_tokens)
     role = state.config.response_role
+    echo = ""
     if req.echo and msgs and msgs[-1]["role"] == role and isinstance(msgs[-1]["content"], str):
         echo = msgs[-1]["content"]
-    gen = Generation(state, base_id, [ids], [params])
-    gen.submit()
-    response_id = f"chatcmpl-{base_id}"
-    text = TokenText(state.tokenizer, bool(req.return_tokens_as_token_ids))
+    gen = Generation(state, base_id, er.prompts, er.params, abort_keys=abort_keys(req)).submit()
+    view = _View(req, model, f"chatcmpl-{base_id}", role, echo, top,
+                 TokenText(state.tokenizer, bool(req.return_tokens_as_token_ids)), plan)
     if req.stream:
-        return sse_response(_stream(req, gen, model, response_id, role, echo, top, text, plan))
-    return await _collect(req, gen, model, response_id, role, echo, top, text, plan)
+        return sse_response(view.stream(gen))
+    return view.response((await gen.finals())[0])
 
 
-def _message(role: str, echo: str, body: str, plan: ToolPlan, reason):
-    """The response message and finish reason of one finished choice."""
-    if not plan.active:
-        return ChatResponseMessage(role=role, content=echo + body), reason
-    content, calls = parse_output(plan, body)
-    if echo:
-        content = echo + (content or "")
-    return (ChatResponseMessage(role=role, content=content,
-                                tool_calls=[c.as_dict() for c in calls]),
-            finish_reason(plan, reason, calls))
+class _View:
+    """Shapes one chat request's engine outputs as chat completion objects."""
 
+    def __init__(self, req, model, response_id, role, echo, top, text, plan: ToolPlan):
+        self.req, self.model, self.id, self.role, self.echo = req, model, response_id, role, echo
+        self.top, self.text, self.plan = top, text, plan
 
-async def _collect(req, gen, model, response_id, role, echo, top, text,
-                   plan: ToolPlan) -> ChatCompletionResponse:
-    final = None
-    async for _, out in gen.outputs():
-        if out.finished:
-            final = out
-    if final is None or final.error:
-        raise APIError(f"The engine failed on this request: {final.error if final else '?'}", 500)
-    choices = []
-    for o in sorted(final.outputs, key=lambda o: o.index):
-        lp = None
-        if req.logprobs:
-            lp = chat_logprobs(o.token_ids, o.logprobs or [None] * len(o.token_ids), top, text)
-        message, reason = _message(role, echo, o.text, plan, o.finish_reason)
-        choices.append(ChatCompletionResponseChoice(
-            index=o.index, message=message,
-            logprobs=lp, finish_reason=reason, stop_reason=o.stop_reason,
-            token_ids=list(o.token_ids) if req.return_token_ids else None))
-    p = final.num_prompt_tokens
-    c = sum(len(o.token_ids) for o in final.outputs)
-    usage = UsageInfo(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
-    return ChatCompletionResponse(
-        id=response_id, model=model, choices=choices, usage=usage,
-        prompt_token_ids=list(final.prompt_token_ids) if req.return_token_ids else None)
+    def _message(self, body: str, reason):
+        """The response message and finish reason of one finished choice."""
+        if not self.plan.active:
+            return ChatResponseMessage(role=self.role, content=self.echo + body), reason
+        content, calls = parse_output(self.plan, body)
+        if self.echo:
+            content = self.echo + (content or "")
+        return (ChatResponseMessage(role=self.role, content=content,
+                                    tool_calls=[c.as_dict() for c in calls]),
+                finish_reason(self.plan, reason, calls))
 
+    def response(self, final) -> ChatCompletionResponse:
+        req, choices = self.req, []
+        for o in sorted(final.outputs, key=lambda o: o.index):
+            lp = None
+            if req.logprobs:
+                lp = chat_logprobs(o.token_ids, o.logprobs or [None] * len(o.token_ids),
+                                   self.top, self.text)
+            message, reason = self._message(o.text, o.finish_reason)
+            choices.append(ChatCompletionResponseChoice(
+                index=o.index, message=message, logprobs=lp, finish_reason=reason,
+                stop_reason=o.stop_reason,
+                token_ids=list(o.token_ids) if req.return_token_ids else None))
+        p = final.num_prompt_tokens
+        c = sum(len(o.token_ids) for o in final.outputs)
+        return ChatCompletionResponse(
+            id=self.id, model=self.model, choices=choices, usage=_usage(p, c),
+            prompt_token_ids=list(final.prompt_token_ids) if req.return_token_ids else None)
 
-async def _stream(req, gen, model, response_id, role, echo, top, text, plan: ToolPlan):
-    n = 1 if req.n is None else req.n
-    opts = req.stream_options
-    include_usage = bool(opts and opts.include_usage)
-    continuous = bool(include_usage and opts.continuous_usage_stats)
-    num_prompt = len(gen.prompts[0])
-
-    def chunk(choices, usage=None) -> ChatCompletionStreamResponse:
-        c = ChatCompletionStreamResponse(id=response_id, model=model, choices=choices)
+    def _chunk(self, choices, usage=None) -> ChatCompletionStreamResponse:
+        c = ChatCompletionStreamResponse(id=self.id, model=self.model, choices=choices)
         if usage is not None:
             c.usage = usage
         return c
 
-    for i in range(n):
-        first = ChatCompletionResponseStreamChoice(
-            index=i, delta=DeltaMessage(role=role, content=""), logprobs=None, finish_reason=None)
-        yield sse(chunk([first], UsageInfo(prompt_tokens=num_prompt, completion_tokens=0,
-                                           total_tokens=num_prompt) if continuous else None))
-        if echo:
-            yield sse(chunk([ChatCompletionResponseStreamChoice(
-                index=i, delta=DeltaMessage(content=echo), logprobs=None, finish_reason=None)]))
-    sent_text: dict[int, int] = {}
-    sent_tokens: dict[int, int] = {}
-    tool_streams = {i: ToolStream(plan) for i in range(n)} if plan.active else {}
-    generated = 0
-    async for _, out in gen.outputs():
-        if out.error:
-            raise APIError(f"The engine failed on this request: {out.error}", 500)
-        generated = out.num_generated_tokens
-        for o in out.outputs:
-            t0, k0 = sent_text.get(o.index, 0), sent_tokens.get(o.index, 0)
-            delta, new_ids = o.text[t0:], o.token_ids[k0:]
-            if not delta and not new_ids and not o.finished:
-                continue
-            lp = None
-            if req.logprobs:
-                steps = (o.logprobs or [])[k0:k0 + len(new_ids)]
-                steps += [None] * (len(new_ids) - len(steps))
-                lp = chat_logprobs(new_ids, steps, top, text)
-            deltas = [DeltaMessage(content=delta)]
-            reason = o.finish_reason if o.finished else None
-            if plan.active:  # tool calls: content and calls come from the ToolStream
-                ts = tool_streams[o.index]
-                deltas = [DeltaMessage(**d) for d in ts.feed(o.text, o.finished)]
-                if not deltas and not o.finished:
-                    continue  # held back (may be part of a call); tokens go with the next
-                deltas = deltas or [DeltaMessage(content="")]
-                reason = finish_reason(ts.plan, reason, ts.calls)
-            sent_text[o.index], sent_tokens[o.index] = len(o.text), len(o.token_ids)
-            for k, dm in enumerate(deltas):
-                last = k == len(deltas) - 1
-                choice = ChatCompletionResponseStreamChoice(
-                    index=o.index, delta=dm, logprobs=lp if k == 0 else None,
-                    finish_reason=reason if last else None)
-                if o.finished and last:
-                    choice.stop_reason = o.stop_reason
-                usage = None
-                if continuous:
-                    usage = UsageInfo(prompt_tokens=num_prompt,
-                                      completion_tokens=len(o.token_ids),
-                                      total_tokens=num_prompt + len(o.token_ids))
-                yield sse(chunk([choice], usage))
-    if include_usage:
-        yield sse(chunk([], UsageInfo(prompt_tokens=num_prompt, completion_tokens=generated,
-                                      total_tokens=num_prompt + generated)))
-    yield DONE
+    async def stream(self, gen: Generation):
+        req = self.req
+        n = 1 if req.n is None else req.n
+        opts = req.stream_options
+        include_usage = bool(opts and opts.include_usage)
+        continuous = bool(include_usage and opts.continuous_usage_stats)
+        num_prompt = len(gen.prompts[0])
+        for i in range(n):
+            first = ChatCompletionResponseStreamChoice(
+                index=i, delta=DeltaMessage(role=self.role, content=""), logprobs=None,
+                finish_reason=None)
+            if req.return_token_ids:
+                first.prompt_token_ids = list(gen.prompts[0])
+            yield sse(self._chunk([first], _usage(num_prompt, 0) if continuous else None))
+            if self.echo:
+                yield sse(self._chunk([ChatCompletionResponseStreamChoice(
+                    index=i, delta=DeltaMessage(content=self.echo), logprobs=None,
+                    finish_reason=None)]))
+        deltas = Deltas()
+        tool_streams = {i: ToolStream(self.plan) for i in range(n)} if self.plan.active else {}
+        generated = 0
+        async for _, out in gen.checked_outputs():
+            generated = out.num_generated_tokens
+            for o in out.outputs:
+                d = deltas.peek(0, o)
+                if d is None:
+                    continue
+                dms = [DeltaMessage(content=d.text)]
+                reason = o.finish_reason if d.finished else None
+                if self.plan.active:  # tool calls: content and calls come from the ToolStream
+                    ts = tool_streams[o.index]
+                    dms = [DeltaMessage(**x) for x in ts.feed(o.text, d.finished)]
+                    if not dms and not d.finished:
+                        continue  # held back (may be part of a call); tokens go with the next
+                    dms = dms or [DeltaMessage(content="")]
+                    reason = finish_reason(ts.plan, reason, ts.calls)
+                deltas.commit(0, o)
+                lp = chat_logprobs(d.token_ids, d.logprobs, self.top, self.text) \
+                    if req.logprobs else None
+                for k, dm in enumerate(dms):
+                    last = k == len(dms) - 1
+                    choice = ChatCompletionResponseStreamChoice(
+                        index=o.index, delta=dm, logprobs=lp if k == 0 else None,
+                        finish_reason=reason if last else None)
+                    if req.return_token_ids and k == 0:
+                        choice.token_ids = d.token_ids
+                    if d.finished and last:
+                        choice.stop_reason = o.stop_reason
+                    usage = _usage(num_prompt, len(o.token_ids)) if continuous else None
+                    yield sse(self._chunk([choice], usage))
+        if include_usage:
+            yield sse(self._chunk([], _usage(num_prompt, generated)))
+        yield DONE
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> UsageInfo:
+    return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                     total_tokens=prompt_tokens + completion_tokens)

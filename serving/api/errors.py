@@ -3,6 +3,8 @@
 Every failure the HTTP layer reports goes through :class:`APIError`, so a client
 never sees an HTML page or a bare 500. ``type`` follows vLLM
 ("BadRequestError", "NotFoundError", ...) and ``code`` is the HTTP status.
+:func:`from_engine_error` is the one mapping of the engine's errors
+(``serving.engine.errors``) to statuses, used by every route family.
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from http import HTTPStatus
 from typing import Any, Optional
 
 from quart import Response
+
+from serving.engine.errors import (EngineError, EngineNotReadyError, EngineOverloadedError,
+                                   RequestFailedError, UnsupportedOperationError,
+                                   ValidationError)
 
 _TYPES = {
     400: "BadRequestError",
@@ -73,9 +79,35 @@ def error_response(err: APIError, headers: Optional[dict[str, str]] = None) -> R
                     headers=headers or {})
 
 
-def bad_request(message: str, param: Optional[str] = None) -> APIError:
-    return APIError(message, 400, param)
-
-
 def not_supported(param: str) -> APIError:
     return APIError(f"`{param}` is not supported yet by this server.", 400, param)
+
+
+def from_engine_error(exc: BaseException) -> APIError:
+    """The APIError for an engine error: the same status on every route.
+
+    ValidationError -> 400 naming the parameter; UnsupportedOperationError ->
+    400; EngineOverloadedError / EngineNotReadyError -> 503;
+    RequestFailedError (a failure inside the engine) -> 500. Anything else is
+    not an engine error on purpose and is re-raised by the caller.
+    """
+    if isinstance(exc, APIError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return APIError(str(exc), 400, exc.param)
+    if isinstance(exc, UnsupportedOperationError):
+        return APIError(str(exc), 400)
+    if isinstance(exc, EngineOverloadedError):
+        return APIError(f"The server is overloaded: {exc}", 503)
+    if isinstance(exc, EngineNotReadyError):
+        return APIError(f"The engine is not ready: {exc}", 503)
+    if isinstance(exc, RequestFailedError):
+        return APIError(f"The engine failed on this request: {exc}", 500)
+    if isinstance(exc, EngineError):
+        return APIError(str(exc), 500)
+    raise TypeError(f"not an engine error: {exc!r}")
+
+
+def request_failed(message: str) -> APIError:
+    """The error of a request that failed inside the engine (its output's ``error``)."""
+    return from_engine_error(RequestFailedError(message))

@@ -20,7 +20,6 @@ the new text, ``output_ids`` and logprobs of each chunk.
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import time
 from typing import Any, Optional, Union
@@ -28,11 +27,12 @@ from typing import Any, Optional, Union
 from pydantic import BaseModel, ConfigDict, Field
 
 from serving.api.errors import APIError
-from serving.api.generation import Generation
+from serving.api.generation import Deltas, Generation
 from serving.api.guides import guide_from_sglang
-from serving.api.native_common import NativeState, validate
-from serving.api.streaming import DONE, sse_response
-from serving.engine.types import SamplingParams, ValidationError
+from serving.api.http import validate
+from serving.api.request_mapping import SamplingFields, build_request
+from serving.api.streaming import DONE, sse, sse_response
+from serving.engine.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -155,37 +155,6 @@ def _per_item(val, i: int):
     return val[i] if isinstance(val, list) else val
 
 
-def _params(sp, *, vocab: int, logprobs: Optional[int], prompt_logprobs: Optional[int],
-            seed: Optional[int] = None) -> SamplingParams:
-    try:
-        params = SamplingParams(**sp, logprobs=logprobs, prompt_logprobs=prompt_logprobs,
-                                seed=seed)
-        params.validate_vocab(vocab)
-        return params
-    except ValidationError as exc:
-        raise APIError(str(exc), 400, exc.param) from None
-    except (ValueError, TypeError) as exc:
-        raise APIError(str(exc), 400) from None
-
-
-def _encode(state, text: str) -> list[int]:
-    ids = state.tokenizer.encode(text)
-    if not ids:
-        raise APIError("the prompt must not be empty", 400, "text")
-    return ids
-
-
-def _check_ids(state, ids: list[int], param: str) -> list[int]:
-    vocab = int(state.engine.model_config.vocab_size)
-    if not ids:
-        raise APIError(f"`{param}` must not be empty", 400, param)
-    bad = [t for t in ids if not 0 <= t < vocab]
-    if bad:
-        raise APIError(f"`{param}` holds out-of-vocab ids {bad[:5]} (vocab size {vocab})", 400,
-                       param)
-    return list(ids)
-
-
 def parse_sglang(state, body: dict, base_id: str) -> GenerateJob:
     """SGLang ``GenerateReqInput`` -> GenerateJob (``n`` > 1 expands into several)."""
     req = validate(SGLGenerateRequest, body)
@@ -196,62 +165,52 @@ def parse_sglang(state, body: dict, base_id: str) -> GenerateJob:
                        "image_data")
     if req.text is not None:
         batch = isinstance(req.text, list)
-        texts = req.text if batch else [req.text]
-        if not texts or not all(isinstance(t, str) for t in texts):
+        prompts, param = (req.text if batch else [req.text]), "text"
+        if not prompts or not all(isinstance(t, str) for t in prompts):
             raise APIError("`text` must be a string or a non-empty list of strings", 400, "text")
-        prompts = [_encode(state, t) for t in texts]
     else:
         batch = bool(req.input_ids) and isinstance(req.input_ids[0], list)
-        lists = req.input_ids if batch else [req.input_ids]
-        prompts = [_check_ids(state, p, "input_ids") for p in lists]
+        prompts, param = (req.input_ids if batch else [req.input_ids]), "input_ids"
     sps = req.sampling_params or SGLSamplingParams()
     if isinstance(sps, list) and len(sps) != len(prompts):
         raise APIError("`sampling_params` list must match the batch size", 400, "sampling_params")
-    vocab = int(state.engine.model_config.vocab_size)
-    rlp = bool(_per_item(req.return_logprob, 0))
-    top = int(_per_item(req.top_logprobs_num, 0) or 0)
-    start = _per_item(req.logprob_start_len, 0)
-    start = -1 if start is None else int(start)
-    out_prompts, params, rids = [], [], []
     rid_list = req.rid if isinstance(req.rid, list) else None
     if rid_list is not None and len(rid_list) != len(prompts):
         raise APIError("`rid` list must match the batch size", 400, "rid")
-    for i, ids in enumerate(prompts):
+    rlp = bool(_per_item(req.return_logprob, 0))
+    top = int(_per_item(req.top_logprobs_num, 0) or 0)
+    start = _per_item(req.logprob_start_len, 0)
+    input_lp = rlp and start is not None and int(start) >= 0
+    ids, params = [], []
+    for i, prompt in enumerate(prompts):
         sp = _per_item(sps, i)
-        guide = guide_from_sglang(sp)  # json_schema / regex / ebnf
-        max_new = sp.max_new_tokens
-        if max_new is not None and len(ids) + max_new > state.max_model_len:
-            raise APIError(f"Requested token count exceeds the model's maximum context length "
-                           f"of {state.max_model_len} tokens. You requested a total of "
-                           f"{len(ids) + max_new} tokens: {len(ids)} tokens from the input "
-                           f"messages and {max_new} tokens for the completion.", 400,
-                           "max_new_tokens")
-        if max_new == 0:
+        if sp.max_new_tokens == 0:
             raise APIError("max_new_tokens=0 (prefill only) is not supported; use >= 1", 400,
                            "max_new_tokens")
-        kw = dict(n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k,
-                  min_p=sp.min_p, frequency_penalty=sp.frequency_penalty,
-                  presence_penalty=sp.presence_penalty, repetition_penalty=sp.repetition_penalty,
-                  max_tokens=max_new, min_tokens=sp.min_new_tokens,
-                  stop=[sp.stop] if isinstance(sp.stop, str) else list(sp.stop or []),
-                  stop_token_ids=list(sp.stop_token_ids or []), ignore_eos=sp.ignore_eos,
-                  include_stop_str_in_output=sp.no_stop_trim,
-                  skip_special_tokens=sp.skip_special_tokens,
-                  spaces_between_special_tokens=sp.spaces_between_special_tokens, guide=guide)
-        seed = sp.sampling_seed if sp.sampling_seed is not None else sp.seed
-        params.append(_params(kw, vocab=vocab, logprobs=top if rlp else None,
-                              prompt_logprobs=top if rlp and start >= 0 else None, seed=seed))
-        out_prompts.append(ids)
-        if rid_list is not None:
-            rids.append(str(rid_list[i]))
-        elif isinstance(req.rid, str) and len(prompts) == 1:
-            rids.append(req.rid)
-        else:
-            rids.append(f"{req.rid or base_id}-{i}" if len(prompts) > 1 else base_id)
+        fields = SamplingFields(
+            n=sp.n, temperature=sp.temperature, top_p=sp.top_p, top_k=sp.top_k, min_p=sp.min_p,
+            frequency_penalty=sp.frequency_penalty, presence_penalty=sp.presence_penalty,
+            repetition_penalty=sp.repetition_penalty, max_tokens=sp.max_new_tokens,
+            min_tokens=sp.min_new_tokens, stop=sp.stop, stop_token_ids=sp.stop_token_ids,
+            ignore_eos=sp.ignore_eos, include_stop_str_in_output=sp.no_stop_trim,
+            skip_special_tokens=sp.skip_special_tokens,
+            spaces_between_special_tokens=sp.spaces_between_special_tokens,
+            seed=sp.sampling_seed if sp.sampling_seed is not None else sp.seed,
+            logprobs=top if rlp else None, prompt_logprobs=top if input_lp else None,
+            guide=guide_from_sglang(sp), max_tokens_param="max_new_tokens")
+        er = build_request(state, [prompt], fields, prompt_param=param)
+        ids += er.prompts
+        params += er.params
+    if rid_list is not None:
+        rids = [str(r) for r in rid_list]
+    elif isinstance(req.rid, str) and len(prompts) == 1:
+        rids = [req.rid]
+    else:
+        rids = [f"{req.rid or base_id}-{i}" for i in range(len(prompts))] \
+            if len(prompts) > 1 else [base_id]
     n_total = sum(p.n for p in params)
-    return GenerateJob("sglang", out_prompts, params, rids, req.stream,
-                       batch or n_total > 1, rlp, top, rlp and start >= 0,
-                       req.return_text_in_logprobs)
+    return GenerateJob("sglang", ids, params, rids, req.stream, batch or n_total > 1, rlp, top,
+                       input_lp, req.return_text_in_logprobs)
 
 
 def parse_lmdeploy(state, body: dict, base_id: str) -> GenerateJob:
@@ -262,28 +221,20 @@ def parse_lmdeploy(state, body: dict, base_id: str) -> GenerateJob:
     if req.image_data is not None:
         raise APIError("`image_data` needs a multimodal model; this one is text-only", 400,
                        "image_data")
-    ids = _encode(state, req.prompt) if req.prompt is not None else _check_ids(
-        state, req.input_ids, "input_ids")
-    if req.max_tokens < 1:
-        raise APIError("max_tokens must be at least 1", 400, "max_tokens")
-    if len(ids) + req.max_tokens > state.max_model_len:
-        raise APIError(f"This model's maximum context length is {state.max_model_len} tokens. "
-                       f"However, you requested {len(ids) + req.max_tokens} tokens "
-                       f"({len(ids)} in the prompt, {req.max_tokens} in the completion).", 400,
-                       "max_tokens")
-    kw = dict(temperature=req.temperature, top_p=req.top_p, top_k=req.top_k or -1,
-              min_p=req.min_p, repetition_penalty=req.repetition_penalty or 1.0,
-              max_tokens=req.max_tokens,
-              stop=[req.stop] if isinstance(req.stop, str) else list(req.stop or []),
-              stop_token_ids=list(req.stop_token_ids or []), ignore_eos=bool(req.ignore_eos),
-              include_stop_str_in_output=bool(req.include_stop_str_in_output),
-              skip_special_tokens=req.skip_special_tokens is not False,
-              spaces_between_special_tokens=req.spaces_between_special_tokens is not False)
-    params = _params(kw, vocab=int(state.engine.model_config.vocab_size),
-                     logprobs=0 if req.return_logprob else None, prompt_logprobs=None)
+    fields = SamplingFields(
+        temperature=req.temperature, top_p=req.top_p, top_k=req.top_k, min_p=req.min_p,
+        repetition_penalty=req.repetition_penalty, max_tokens=req.max_tokens, stop=req.stop,
+        stop_token_ids=req.stop_token_ids, ignore_eos=bool(req.ignore_eos),
+        include_stop_str_in_output=bool(req.include_stop_str_in_output),
+        skip_special_tokens=req.skip_special_tokens is not False,
+        spaces_between_special_tokens=req.spaces_between_special_tokens is not False,
+        logprobs=0 if req.return_logprob else None)
+    prompt, param = (req.prompt, "prompt") if req.prompt is not None else (req.input_ids,
+                                                                          "input_ids")
+    er = build_request(state, [prompt], fields, prompt_param=param)
     session = req.session_id if req.session_id is not None and req.session_id >= 0 else None
     rid = f"session-{session}-{base_id}" if session is not None else base_id
-    return GenerateJob("lmdeploy", [ids], [params], [rid], bool(req.stream), False,
+    return GenerateJob("lmdeploy", er.prompts, er.params, [rid], bool(req.stream), False,
                        bool(req.return_logprob), 0, False, False, session)
 
 
@@ -371,56 +322,41 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
             "output_ids": list(comp.token_ids[first_token:]), "meta_info": meta}
 
 
-async def run_generate(state, native: NativeState, job: GenerateJob):
+async def run_generate(state, job: GenerateJob):
     """Submits the job; returns a dict/list (or an SSE response when streaming)."""
-    job.weight_version = native.weight_version
-    gen = Generation(state, job.rids[0], job.prompts, job.params)
-    gen.request_ids = list(job.rids)
-    gen.submit()
-    keys = list(job.rids) + ([str(job.session_id)] if job.session_id is not None else [])
-    for k in keys:
-        native.running[k] = gen
+    job.weight_version = state.weight_version
+    keys = tuple(job.rids) + ((str(job.session_id),) if job.session_id is not None else ())
+    gen = Generation(state, job.rids[0], job.prompts, job.params, request_ids=job.rids,
+                     abort_keys=keys).submit()
     start = time.time()
-
-    def release():
-        for k in keys:
-            if native.running.get(k) is gen:
-                del native.running[k]
-
     if job.stream:
-        return sse_response(_stream(state, job, gen, start, release))
-    final: dict[int, Any] = {}
-    try:
-        async for i, out in gen.outputs():
-            if out.finished:
-                final[i] = out
-    finally:
-        release()
+        return sse_response(_stream(state, job, gen, start))
     results = []
-    for i in range(len(job.prompts)):
-        out = final[i]
+    for i, out in enumerate(await gen.finals()):
         for comp in out.outputs:
-            rid = job.rids[i] if len(out.outputs) == 1 else f"{job.rids[i]}-{comp.index}"
-            results.append(result_dict(state, job, rid, out, comp, job.params[i], start))
+            results.append(result_dict(state, job, _rid(job, i, out, comp), out, comp,
+                                       job.params[i], start))
     return results if job.batch else results[0]
 
 
-async def _stream(state, job: GenerateJob, gen: Generation, start: float, release):
-    sent: dict[tuple[int, int], tuple[int, int]] = {}  # (prompt, choice) -> (chars, tokens)
-    try:
-        async for i, out in gen.outputs():
-            for comp in out.outputs:
-                rid = job.rids[i] if len(out.outputs) == 1 else f"{job.rids[i]}-{comp.index}"
-                if job.dialect == "lmdeploy":  # each chunk: the new text, ids and logprobs
-                    done, first = sent.get((i, comp.index), (0, 0))
-                    sent[(i, comp.index)] = (len(comp.text), len(comp.token_ids))
-                    obj = result_dict(state, job, rid, out, comp, job.params[i], start,
-                                      comp.text[done:], first)
-                else:
-                    obj = result_dict(state, job, rid, out, comp, job.params[i], start)
-                    obj["index"] = i
-                yield f"data: {json.dumps(obj)}\n\n"
-        if job.dialect == "sglang":
-            yield DONE
-    finally:
-        release()
+def _rid(job: GenerateJob, i: int, out, comp) -> str:
+    return job.rids[i] if len(out.outputs) == 1 else f"{job.rids[i]}-{comp.index}"
+
+
+async def _stream(state, job: GenerateJob, gen: Generation, start: float):
+    deltas = Deltas()
+    async for i, out in gen.checked_outputs():
+        for comp in out.outputs:
+            d = deltas.update(i, comp)
+            if d is None:
+                continue
+            rid = _rid(job, i, out, comp)
+            if job.dialect == "lmdeploy":  # each chunk: the new text, ids and logprobs
+                obj = result_dict(state, job, rid, out, comp, job.params[i], start, d.text,
+                                  len(comp.token_ids) - len(d.token_ids))
+            else:  # SGLang: cumulative text and ids
+                obj = result_dict(state, job, rid, out, comp, job.params[i], start)
+                obj["index"] = i
+            yield sse(obj)
+    if job.dialect == "sglang":
+        yield DONE

@@ -109,6 +109,7 @@ class SamplingExtras(OpenAIModel):
     spaces_between_special_tokens: bool = True
     truncate_prompt_tokens: Optional[int] = Field(default=None, ge=1)
     allowed_token_ids: Optional[list[int]] = None
+    bad_words: list[str] = Field(default_factory=list)
     prompt_logprobs: Optional[int] = None
     # guided decoding (serving/api/guides.py)
     response_format: Optional[ResponseFormat] = None
@@ -215,7 +216,7 @@ class ChatCompletionRequest(SamplingExtras):
     free text (``serving/api/tools.py``).
     """
 
-    messages: list[ChatMessage]
+    messages: Union[str, list[ChatMessage]]  # a string: one user message (LMDeploy)
     model: Optional[str] = None
     frequency_penalty: Optional[float] = 0.0
     logit_bias: Optional[dict[str, float]] = None
@@ -236,7 +237,6 @@ class ChatCompletionRequest(SamplingExtras):
     parallel_tool_calls: Optional[bool] = False
     user: Optional[str] = None
     best_of: Optional[int] = None
-    bad_words: list[str] = Field(default_factory=list)
     echo: bool = False
     add_generation_prompt: bool = True
     continue_final_message: bool = False

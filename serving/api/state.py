@@ -1,28 +1,28 @@
-"""What every route needs: the engine, the server config, metrics, helpers.
+"""What every route needs: the engine, the server config, metrics, and checks.
 
-One :class:`ServerState` is built by ``create_app`` and handed to each route
-module's ``register`` function; there are no module globals.
+``create_app`` builds one :class:`ServerState` and keeps it in
+``app.extensions``; the module-level route handlers reach it with
+:func:`current_state` (there are no module globals). The engine is an
+``EngineClient`` (``serving.engine.protocol``): the app calls only its
+members, never probes for them.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
-import logging
 import time
-from typing import Any, Optional, TypeVar
+from typing import Any, Optional
 
-import pydantic
-from quart import request
+from quart import current_app, request
 
 from serving.api.errors import APIError
 from serving.api.metrics import ServerMetrics
 from serving.api.protocol import random_uuid
 from serving.config import ServerConfig
+from serving.engine.protocol import EngineClient
 
-logger = logging.getLogger(__name__)
-
-T = TypeVar("T", bound=pydantic.BaseModel)
+TASK_NAMES = {"generate": "a generation model", "embed": "an embedding model",
+              "score": "a cross-encoder (score) model", "classify": "a classification model"}
 
 
 @dataclasses.dataclass
@@ -30,21 +30,28 @@ class ServerState:
     """Shared state of one app.
 
     Attributes:
-        engine: the AsyncEngine (or any object with its interface).
+        engine: the EngineClient.
         config: the ServerConfig.
         metrics: the app's Prometheus metrics.
         model_names: the served names (listed by /v1/models); the first is reported.
         accepted_names: names accepted in a request's ``model`` (the served
             names and the model path).
         start_time: when the app was built (unix seconds).
+        running: abort keys (SGLang ``rid``, LMDeploy ``session_id``) -> the
+            Generation they stop, for ``/abort_request``.
+        weight_version: reported by ``/get_model_info``; set by weight updates.
+        cache_version: bumped whenever the KV/prefix cache is flushed or rebuilt.
     """
 
-    engine: Any
+    engine: EngineClient
     config: ServerConfig
     metrics: ServerMetrics
     model_names: tuple[str, ...]
     accepted_names: frozenset[str] = frozenset()
     start_time: float = dataclasses.field(default_factory=time.time)
+    running: dict[str, Any] = dataclasses.field(default_factory=dict)
+    weight_version: str = "default"
+    cache_version: int = 0
 
     @property
     def model_name(self) -> str:
@@ -58,6 +65,10 @@ class ServerState:
     def max_model_len(self) -> int:
         return int(self.engine.max_model_len)
 
+    @property
+    def vocab_size(self) -> int:
+        return int(self.engine.model_config.vocab_size)
+
     def check_model(self, name: Optional[str]) -> str:
         """Returns the name to report; raises 404 for a model this server does not serve."""
         if name is None or name == "" or name in self.model_names or name in self.accepted_names:
@@ -65,8 +76,20 @@ class ServerState:
         raise APIError(f"The model `{name}` does not exist.", 404, "model")
 
     def check_ready(self) -> None:
+        """503 while the engine starts or sleeps."""
+        if self.engine.is_sleeping():
+            raise APIError("The engine is sleeping; POST /wakeup first.", 503)
         if not self.engine.is_ready():
             raise APIError("The engine is still starting (compiling); retry shortly.", 503)
+
+    def require_task(self, route: str, *tasks: str) -> str:
+        """Raises a 400 naming the loaded model's kind when ``route`` does not fit it."""
+        task = self.engine.task
+        if task not in tasks:
+            wanted = " or ".join(TASK_NAMES[t] for t in tasks)
+            raise APIError(f"{route} needs {wanted}, but this server runs {TASK_NAMES[task]} "
+                           f"({self.model_name}).", 400)
+        return task
 
     def request_id(self, body_id: Optional[str] = None) -> str:
         """The base request id: the X-Request-Id header, else the body's
@@ -81,50 +104,26 @@ class ServerState:
         return override or self.config.chat_template or getattr(
             self.tokenizer, "chat_template", None)
 
+    def server_args(self) -> dict[str, Any]:
+        """Server and engine settings, as ``/get_server_info`` reports them (no secrets)."""
+        out: dict[str, Any] = {}
+        cfg = self.engine.config
+        if dataclasses.is_dataclass(cfg):
+            out.update(dataclasses.asdict(cfg))
+        server = dataclasses.asdict(self.config)
+        for secret in ("api_key", "admin_api_key", "chat_template"):
+            server.pop(secret, None)
+        out.update(server)
+        out["model_path"] = self.engine.model_path
+        out["tokenizer_path"] = self.engine.model_path
+        out["served_model_name"] = self.model_name
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
-async def body_dict(optional: bool = False) -> dict[str, Any]:
-    """The request body as a JSON object.
-
-    Args:
-        optional: an empty body reads as ``{}`` instead of a 400.
-
-    Raises:
-        APIError: 400 for an empty (unless optional) or malformed body, or a non-object.
-    """
-    raw = await request.get_data(as_text=False)
-    if not raw or not raw.strip():
-        if optional:
-            return {}
-        raise APIError("The request body is empty; expected a JSON object.", 400)
-    try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise APIError(f"The request body is not valid JSON: {exc}", 400) from None
-    if not isinstance(obj, dict):
-        raise APIError(f"The request body must be a JSON object, got {type(obj).__name__}.", 400)
-    return obj
+    def max_total_tokens(self) -> int:
+        stats = self.engine.stats()
+        return int(stats.get("num_total_pages", 0)) * int(stats.get("page_size", 1))
 
 
-async def parse_body(model_cls: type[T]) -> T:
-    """Reads the request body as JSON and validates it into ``model_cls``.
-
-    Raises:
-        APIError: 400 for an empty or malformed body, a non-object, or a field
-            with the wrong type or out of range (``param`` names the field).
-    """
-    obj = await body_dict()
-    try:
-        return model_cls.model_validate(obj)
-    except pydantic.ValidationError as exc:
-        raise validation_error(exc) from None
-
-
-def validation_error(exc: pydantic.ValidationError) -> APIError:
-    """Turns a pydantic ValidationError into a 400 naming the first bad field."""
-    parts, param = [], None
-    for err in exc.errors(include_url=False)[:5]:
-        loc = ".".join(str(p) for p in err.get("loc", ()))
-        if param is None and err.get("loc"):
-            param = str(err["loc"][0])
-        parts.append(f"{loc}: {err.get('msg')}" if loc else str(err.get("msg")))
-    return APIError("; ".join(parts) or "Invalid request.", 400, param)
+def current_state() -> ServerState:
+    """The ServerState of the app serving the current request."""
+    return current_app.extensions["jax_serve"]
