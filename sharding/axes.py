@@ -5,6 +5,4 @@ Every partition spec in ``sharding/`` names these constants, never strings.
 
 DATA = "data"  # data parallel: independent engine replicas (one device group each)
 TENSOR = "tensor"  # tensor parallel: heads / intermediate / vocab split inside a replica
-EXPERT = "expert"  # reserved for mixture-of-experts expert parallelism (unused today)
-
-MESH_AXES = (DATA, TENSOR)
+MESH_AXES = (DATA, TENSOR)  # the order of a mesh's axes (sharding/mesh.py)

@@ -67,7 +67,7 @@ class TensorParallelLayout:
         return dataclasses.replace(loaded, state=state)
 
     def kv_sharding(self):
-        """``KVCache`` of shardings, or None with no mesh."""
+        """The KV cache's sharding (a ``KVCache`` pytree prefix), or None with no mesh."""
         if self.mesh is None:
             return None
         return kv_cache_sharding(self.plan, self.mesh)

@@ -15,7 +15,7 @@ import jax
 import numpy as np
 from jax.sharding import AxisType, Mesh
 
-from sharding.axes import DATA, TENSOR
+from sharding.axes import MESH_AXES
 
 
 def make_mesh(tp: int = 1, dp: int = 1, devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
@@ -38,10 +38,10 @@ def make_mesh(tp: int = 1, dp: int = 1, devices: Optional[Sequence[jax.Device]] 
         raise ValueError(f"tp={tp} x dp={dp} needs {need} devices but only {len(devices)} "
                          f"are visible ({devices[0].platform if devices else 'none'})")
     grid = np.asarray(devices[:need], dtype=object).reshape(dp, tp)
-    return Mesh(grid, (DATA, TENSOR), axis_types=(AxisType.Auto, AxisType.Auto))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))
 
 
 def replica_mesh(mesh: Mesh, index: int) -> Mesh:
     """The ``(data=1, tensor=tp)`` sub-mesh of data-parallel replica ``index``."""
     grid = mesh.devices[index:index + 1]
-    return Mesh(grid, (DATA, TENSOR), axis_types=(AxisType.Auto, AxisType.Auto))
+    return Mesh(grid, MESH_AXES, axis_types=(AxisType.Auto, AxisType.Auto))

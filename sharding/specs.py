@@ -130,9 +130,10 @@ def weight_shardings(plan: ShardingPlan, mesh: Mesh) -> Callable[[tuple], NamedS
     return lambda path: NamedSharding(mesh, weight_spec(tuple(path), plan))
 
 
-def kv_cache_sharding(plan: ShardingPlan, mesh: Mesh):
-    """A ``KVCache``-shaped pytree of ``NamedSharding`` for ``jax.device_put``/``jit``."""
-    from model.attention import KVCache
+def kv_cache_sharding(plan: ShardingPlan, mesh: Mesh) -> NamedSharding:
+    """The sharding of both cache arrays, a pytree prefix of ``KVCache`` for ``device_put``/``jit``.
 
-    s = NamedSharding(mesh, kv_cache_spec(plan))
-    return KVCache(s, s)
+    One sharding rather than a ``KVCache`` of two keeps ``sharding`` free of
+    ``model`` imports (the package order is in ``sharding/__init__.py``).
+    """
+    return NamedSharding(mesh, kv_cache_spec(plan))

@@ -34,7 +34,7 @@ def jit_step(fn: Callable, mesh: Optional[Mesh], state, kv_sharding, *, num_host
       mesh: the replica's mesh; None jits with no shardings (one device).
       state: the weights (an ``nnx.State`` of placed arrays); their shardings
         become the state's ``in_shardings``.
-      kv_sharding: ``KVCache`` pytree of shardings for the cache.
+      kv_sharding: the cache's sharding (a pytree prefix of ``KVCache``).
       num_host_inputs, num_host_outputs: positional host arguments / leading
         outputs, all replicated.
       donate_argnums, static_argnames: as ``jax.jit``.
@@ -50,19 +50,25 @@ def jit_step(fn: Callable, mesh: Optional[Mesh], state, kv_sharding, *, num_host
 
 
 def _with_mesh(fn: Callable, mesh: Mesh) -> Callable:
-    """``fn`` with ``mesh`` set on every ``AttentionMetadata`` host input, at trace time.
+    """``fn`` with ``mesh`` set on every dataclass host input that has a ``mesh`` field.
 
-    The runner builds metadata without devices (multi-host followers receive it
-    pickled); the attention layers read ``md.mesh`` to run under ``shard_map``.
+    That is ``model.attention.AttentionMetadata`` (matched by its field, so
+    ``sharding`` imports nothing from ``model``), at trace time. The runner
+    builds metadata without devices (multi-host followers receive it pickled);
+    the attention layers read ``md.mesh`` to run under ``shard_map``.
     """
-    from model.attention import AttentionMetadata
 
     @functools.wraps(fn)
     def step(state, kv, *host_inputs, **kwargs):
-        host_inputs = tuple(dataclasses.replace(a, mesh=mesh)
-                            if isinstance(a, AttentionMetadata) else a for a in host_inputs)
+        host_inputs = tuple(dataclasses.replace(a, mesh=mesh) if _has_mesh_field(a) else a
+                            for a in host_inputs)
         return fn(state, kv, *host_inputs, **kwargs)
     return step
+
+
+def _has_mesh_field(value) -> bool:
+    return (dataclasses.is_dataclass(value) and not isinstance(value, type)
+            and any(f.name == "mesh" for f in dataclasses.fields(value)))
 
 
 def zeros_sharded(make: Callable, sharding):
