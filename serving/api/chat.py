@@ -5,7 +5,9 @@ given by ``--chat-template`` or the request's ``chat_template``) through
 ``tokenizer.apply_chat_template``. ``tools`` are handed to the template;
 ``tool_choice`` decides whether the output is constrained to a call and how
 tool calls are parsed out of it (``tools.py``). ``messages`` may also be a
-plain string (LMDeploy: one user message); roles are vLLM's.
+plain string: LMDeploy then uses it as the raw prompt, without the template.
+Roles are OpenAI's (an unknown one is a 400). ``return_token_ids`` adds vLLM's
+``prompt_token_ids`` and ``token_ids`` and LMDeploy's ``output_ids``.
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import logging
 from typing import Any, Union
 
-from serving.api.completions import abort_keys
 from serving.api.errors import APIError
 from serving.api.generation import Deltas, Generation
 from serving.api.logprobs import TokenText, chat_logprobs
@@ -43,8 +44,8 @@ def message_dicts(messages: Union[str, list], param: str = "messages") -> list[d
     """Flattens messages for the template; list content keeps only text parts.
 
     Args:
-        messages: ChatMessage models or dicts; a plain string is one user
-            message (LMDeploy).
+        messages: ChatMessage models or dicts (a plain string, as the tokenizer
+            routes take it, is one user message).
 
     Raises:
         APIError: 400 for an empty list, an unknown role, an unsupported part
@@ -117,6 +118,10 @@ def render_chat(state, messages: list[dict[str, Any]], *, add_generation_prompt:
 
 
 def _prompt_ids(state, req: ChatCompletionRequest) -> tuple[list[int], list[dict]]:
+    if isinstance(req.messages, str):  # LMDeploy: the raw prompt, no chat template
+        if not req.messages:
+            raise APIError("messages must not be empty", 400, "messages")
+        return state.tokenizer.encode(req.messages), []
     msgs = message_dicts(req.messages)
     kwargs = dict(req.chat_template_kwargs or {})
     if req.enable_thinking is not None:
@@ -156,7 +161,7 @@ async def create_chat_completion(state, req: ChatCompletionRequest, base_id: str
     echo = ""
     if req.echo and msgs and msgs[-1]["role"] == role and isinstance(msgs[-1]["content"], str):
         echo = msgs[-1]["content"]
-    gen = Generation(state, base_id, er.prompts, er.params, abort_keys=abort_keys(req)).submit()
+    gen = Generation(state, base_id, er.prompts, er.params, session_id=req.session_id).submit()
     view = _View(req, model, f"chatcmpl-{base_id}", role, echo, top,
                  TokenText(state.tokenizer, bool(req.return_tokens_as_token_ids)), plan)
     if req.stream:
@@ -194,6 +199,8 @@ class _View:
                 index=o.index, message=message, logprobs=lp, finish_reason=reason,
                 stop_reason=o.stop_reason,
                 token_ids=list(o.token_ids) if req.return_token_ids else None))
+            if req.return_token_ids:
+                choices[-1].output_ids = list(o.token_ids)  # LMDeploy's key
         p = final.num_prompt_tokens
         c = sum(len(o.token_ids) for o in final.outputs)
         return ChatCompletionResponse(
@@ -217,9 +224,10 @@ class _View:
             first = ChatCompletionResponseStreamChoice(
                 index=i, delta=DeltaMessage(role=self.role, content=""), logprobs=None,
                 finish_reason=None)
+            head = self._chunk([first], _usage(num_prompt, 0) if continuous else None)
             if req.return_token_ids:
-                first.prompt_token_ids = list(gen.prompts[0])
-            yield sse(self._chunk([first], _usage(num_prompt, 0) if continuous else None))
+                head.prompt_token_ids = list(gen.prompts[0])
+            yield sse(head)
             if self.echo:
                 yield sse(self._chunk([ChatCompletionResponseStreamChoice(
                     index=i, delta=DeltaMessage(content=self.echo), logprobs=None,
@@ -251,7 +259,7 @@ class _View:
                         index=o.index, delta=dm, logprobs=lp if k == 0 else None,
                         finish_reason=reason if last else None)
                     if req.return_token_ids and k == 0:
-                        choice.token_ids = d.token_ids
+                        choice.token_ids = choice.output_ids = d.token_ids
                     if d.finished and last:
                         choice.stop_reason = o.stop_reason
                     usage = _usage(num_prompt, len(o.token_ids)) if continuous else None

@@ -31,12 +31,6 @@ def prompt_inputs(prompt: Union[str, list]) -> list[Union[str, list[int]]]:
     return list(prompt)
 
 
-def abort_keys(req) -> tuple[str, ...]:
-    """LMDeploy's ``session_id`` (>= 0) as the key ``/abort_request`` stops."""
-    sid = req.session_id
-    return (str(sid),) if sid is not None and sid >= 0 else ()
-
-
 async def create_completion(state, req: CompletionRequest, base_id: str):
     """Serves one completion request: a CompletionResponse or an SSE response."""
     model = state.check_model(req.model)
@@ -50,7 +44,7 @@ async def create_completion(state, req: CompletionRequest, base_id: str):
     er = build_request(state, prompt_inputs(req.prompt), fields,
                        add_special_tokens=req.add_special_tokens,
                        truncate_prompt_tokens=req.truncate_prompt_tokens)
-    gen = Generation(state, base_id, er.prompts, er.params, abort_keys=abort_keys(req)).submit()
+    gen = Generation(state, base_id, er.prompts, er.params, session_id=req.session_id).submit()
     view = _View(req, model, f"cmpl-{base_id}", er.texts,
                  TokenText(state.tokenizer, bool(req.return_tokens_as_token_ids)))
     if req.stream:

@@ -36,23 +36,46 @@ _TYPES = {
 }
 
 
+# RTP-LLM's error codes (rtp_llm/config/exceptions.py) by HTTP status
+_RTP_CODES = {400: (605, "INVALID_PARAMS"), 404: (605, "INVALID_PARAMS"),
+              500: (514, "UNKNOWN_ERROR"), 503: (514, "UNKNOWN_ERROR")}
+
+
 class APIError(Exception):
-    """An error answered to the client as OpenAI-shaped JSON.
+    """An error answered to the client as JSON, in the shape of the route's dialect.
 
     Args:
         message: human-readable explanation.
         status: HTTP status code.
         param: the request field at fault, if any.
         err_type: overrides the type derived from ``status``.
+        shape: "openai" (vLLM's nested ``{"error": {...}}``, the default),
+            "lmdeploy" (LMDeploy's flat ``{"object": "error", ...}``) or "rtp"
+            (RTP-LLM's ``{"error_code", "error_code_str", "message"}``); routes of
+            those dialects set it with :func:`dialect_errors`.
     """
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 err_type: Optional[str] = None):
+                 err_type: Optional[str] = None, shape: str = "openai"):
         super().__init__(message)
         self.message = message
         self.status = int(status)
         self.param = param
         self.err_type = err_type or error_type(self.status)
+        self.shape = shape
+
+    def body(self) -> dict[str, Any]:
+        """The JSON body in this error's shape."""
+        if self.shape == "lmdeploy":
+            kind = {401: "authentication_error", 404: "not_found_error"}.get(
+                self.status, "server_error" if self.status >= 500 else "invalid_request_error")
+            return {"object": "error", "message": self.message, "type": kind,
+                    "param": self.param, "code": self.status}
+        if self.shape == "rtp":
+            code, name = _RTP_CODES.get(self.status, (514, "UNKNOWN_ERROR"))
+            return {"error_code": code, "error_code_str": f"{code}_{name}",
+                    "message": self.message}
+        return error_body(self.message, self.status, self.param, self.err_type)
 
 
 def error_type(status: int) -> str:
@@ -74,9 +97,31 @@ def error_body(message: str, status: int, param: Optional[str] = None,
 
 def error_response(err: APIError, headers: Optional[dict[str, str]] = None) -> Response:
     """Turns an APIError into a JSON response."""
-    body = json.dumps(error_body(err.message, err.status, err.param, err.err_type))
-    return Response(body, status=err.status, content_type="application/json",
+    return Response(json.dumps(err.body()), status=err.status, content_type="application/json",
                     headers=headers or {})
+
+
+class dialect_errors:
+    """``with dialect_errors("lmdeploy"):`` -- APIErrors and engine errors raised
+    inside leave in that dialect's error shape."""
+
+    def __init__(self, shape: str):
+        self.shape = shape
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, kind, exc, tb) -> bool:
+        if isinstance(exc, EngineError):
+            raise _shaped(from_engine_error(exc), self.shape) from None
+        if isinstance(exc, APIError):
+            exc.shape = self.shape
+        return False
+
+
+def _shaped(err: APIError, shape: str) -> APIError:
+    err.shape = shape
+    return err
 
 
 def not_supported(param: str) -> APIError:

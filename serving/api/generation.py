@@ -38,12 +38,15 @@ class Generation:
         prompts: prompt token ids, one list per engine request.
         params: the sampling params of each prompt (their max_tokens may differ).
         request_ids: explicit engine ids (SGLang ``rid``), one per prompt.
-        abort_keys: extra keys (LMDeploy ``session_id``) under which
-            ``/abort_request`` finds this generation while it runs.
+        abort_keys: keys (SGLang ``rid``) under which ``/abort_request``
+            finds this generation while it runs.
+        session_id: LMDeploy's ``session_id`` (None or < 0: none), another
+            such key; a session that is still running cannot be reused (400).
     """
 
     def __init__(self, state, base_id: str, prompts: list[list[int]], params: list,
-                 request_ids: Optional[list[str]] = None, abort_keys: tuple[str, ...] = ()):
+                 request_ids: Optional[list[str]] = None, abort_keys: tuple[str, ...] = (),
+                 session_id: Optional[int] = None):
         self._state = state
         self.base_id = base_id
         self.prompts = prompts
@@ -52,7 +55,8 @@ class Generation:
         salt = random_uuid()[:8]
         self.request_ids = list(request_ids or [f"{base_id}-{salt}-{i}"
                                                 for i in range(len(prompts))])
-        self.abort_keys = tuple(abort_keys)
+        self.session = str(session_id) if session_id is not None and session_id >= 0 else None
+        self.abort_keys = tuple(abort_keys) + ((self.session,) if self.session else ())
         self._streams: list[Any] = []
         self._timers: list = []
         # Ids added but not finished. If the HTTP task dies before the body is
@@ -69,6 +73,9 @@ class Generation:
         """
         state, engine = self._state, self._state.engine
         state.check_ready()
+        if self.session is not None and self.session in state.running:
+            raise APIError(f"The session_id {int(self.session)!r} is occupied.", 400,
+                           "session_id")
         try:
             for rid, ids, params in zip(self.request_ids, self.prompts, self.params):
                 self._streams.append(engine.add_request(rid, ids, params))

@@ -13,8 +13,10 @@ prompt_tokens, completion_tokens, cached_tokens, e2e_latency, ...}}`` (LMDeploy'
 differ: SGLang's ``output_token_logprobs`` are ``[logprob, token_id, text|None]``
 triples (plus ``output_top_logprobs`` and the ``input_*`` lists), LMDeploy's
 ``GenerateReqMetaOutput`` has ``[logprob, token_id]`` pairs only. Streams are
-SSE: SGLang sends the cumulative text and ends with ``[DONE]``, LMDeploy sends
-the new text, ``output_ids`` and logprobs of each chunk.
+SSE (``data: {json}``) ending with ``data: [DONE]``: SGLang sends the
+cumulative text, LMDeploy the new text, ``output_ids`` and logprobs of each
+chunk. LMDeploy bodies are checked as LMDeploy's ``check_request`` checks them
+and their errors leave in LMDeploy's flat shape (``routes.generate``).
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from serving.api.generation import Deltas, Generation
 from serving.api.guides import guide_from_sglang
 from serving.api.http import validate
 from serving.api.request_mapping import SamplingFields, build_request
-from serving.api.streaming import DONE, sse, sse_response
+from serving.api.streaming import DONE, LMDEPLOY, OPENAI, sse, sse_response
 from serving.engine.types import SamplingParams
 
 logger = logging.getLogger(__name__)
@@ -91,16 +93,17 @@ class SGLGenerateRequest(_Loose):
 
 
 class LMDGenerateRequest(_Loose):
-    """LMDeploy's ``/generate`` body (defaults from its OpenAPI schema)."""
+    """LMDeploy's ``/generate`` body (fields and defaults of its ``GenerateReqInput``;
+    the value checks are ``check_lmdeploy``'s, worded as LMDeploy words them)."""
 
     prompt: Optional[str] = None
     input_ids: Optional[list[int]] = None
-    max_tokens: int = Field(128, ge=0)
-    temperature: float = Field(1.0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)
-    min_p: float = Field(0.0, ge=0, le=1)
-    repetition_penalty: Optional[float] = Field(1.0, gt=0)
+    max_tokens: int = 128
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = Field(None, ge=0, le=1)
+    repetition_penalty: Optional[float] = Field(None, gt=0)
     stop: Optional[Union[str, list[str]]] = None
     stop_token_ids: Optional[list[int]] = None
     ignore_eos: Optional[bool] = False
@@ -111,6 +114,26 @@ class LMDGenerateRequest(_Loose):
     return_logprob: Optional[bool] = None
     session_id: Optional[int] = -1
     image_data: Optional[Any] = None
+
+
+def check_lmdeploy(req: LMDGenerateRequest) -> None:
+    """LMDeploy's ``check_request`` of ``/generate`` (400 with its messages)."""
+    if (req.prompt is None) == (req.input_ids is None):
+        raise APIError("You must specify exactly one of prompt or input_ids", 400, "prompt")
+    if req.prompt is not None and not req.prompt:
+        raise APIError("The prompt must not be an empty string", 400, "prompt")
+    if req.input_ids is not None and not req.input_ids:
+        raise APIError("The input_ids must not be an empty list", 400, "input_ids")
+    if req.max_tokens <= 0:
+        raise APIError(f"The max_tokens {req.max_tokens!r} must be a positive integer.", 400,
+                       "max_tokens")
+    if req.top_p is not None and not 0 < req.top_p <= 1:
+        raise APIError(f"The top_p {req.top_p!r} must be in (0, 1].", 400, "top_p")
+    if req.top_k is not None and req.top_k < 0:
+        raise APIError(f"The top_k {req.top_k!r} cannot be a negative integer.", 400, "top_k")
+    if req.temperature is not None and not 0 <= req.temperature <= 2:
+        raise APIError(f"The temperature {req.temperature!r} must be in [0, 2]", 400,
+                       "temperature")
 
 
 @dataclasses.dataclass
@@ -216,8 +239,7 @@ def parse_sglang(state, body: dict, base_id: str) -> GenerateJob:
 def parse_lmdeploy(state, body: dict, base_id: str) -> GenerateJob:
     """LMDeploy ``GenerateReqInput`` (flat fields) -> GenerateJob."""
     req = validate(LMDGenerateRequest, body)
-    if (req.prompt is None) == (req.input_ids is None):
-        raise APIError("exactly one of `prompt` or `input_ids` is required", 400, "prompt")
+    check_lmdeploy(req)
     if req.image_data is not None:
         raise APIError("`image_data` needs a multimodal model; this one is text-only", 400,
                        "image_data")
@@ -294,7 +316,9 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
     ``text``/``first_token``: an LMDeploy stream chunk's new text and the index
     of its first new token (its ``output_ids`` and logprobs are the new ones).
     """
-    meta: dict[str, Any] = {
+    meta: dict[str, Any] = {} if job.dialect == "sglang" else {
+        "output_token_logprobs": None, "routed_experts": None}  # LMDeploy: every key present
+    meta.update({
         "id": rid,
         "finish_reason": _finish_reason(comp, params),
         "prompt_tokens": out.num_prompt_tokens,
@@ -302,7 +326,7 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
         "cached_tokens": getattr(out.metrics, "num_cached_tokens", 0) or 0,
         "e2e_latency": time.time() - start,
         "weight_version": job.weight_version,
-    }
+    })
     if job.return_logprob and comp.logprobs is not None:
         if job.dialect == "lmdeploy":  # GenerateReqMetaOutput: (logprob, token_id)
             meta["output_token_logprobs"] = _lmd_pairs(comp.logprobs[first_token:])
@@ -325,12 +349,12 @@ def result_dict(state, job: GenerateJob, rid: str, out, comp, params, start: flo
 async def run_generate(state, job: GenerateJob):
     """Submits the job; returns a dict/list (or an SSE response when streaming)."""
     job.weight_version = state.weight_version
-    keys = tuple(job.rids) + ((str(job.session_id),) if job.session_id is not None else ())
     gen = Generation(state, job.rids[0], job.prompts, job.params, request_ids=job.rids,
-                     abort_keys=keys).submit()
+                     abort_keys=tuple(job.rids), session_id=job.session_id).submit()
     start = time.time()
     if job.stream:
-        return sse_response(_stream(state, job, gen, start))
+        framing = LMDEPLOY if job.dialect == "lmdeploy" else OPENAI
+        return sse_response(_stream(state, job, gen, start), framing=framing)
     results = []
     for i, out in enumerate(await gen.finals()):
         for comp in out.outputs:
@@ -358,5 +382,4 @@ async def _stream(state, job: GenerateJob, gen: Generation, start: float):
                 obj = result_dict(state, job, rid, out, comp, job.params[i], start)
                 obj["index"] = i
             yield sse(obj)
-    if job.dialect == "sglang":
-        yield DONE
+    yield DONE

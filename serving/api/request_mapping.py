@@ -160,19 +160,24 @@ def resolve_max_tokens(max_model_len: int, num_prompt: int, fields: SamplingFiel
 
 
 def bad_words_ids(tokenizer, words: Optional[list[str]]) -> list[list[int]]:
-    """vLLM's ``bad_words``: each word's token ids, alone and after a space.
+    """vLLM's ``bad_words`` as token-id sequences (``SamplingParams.update_from_tokenizer``).
 
-    A word is banned as a whole: its last token is masked wherever the tokens
-    before it have just been generated (vLLM's ``NoBadWordsLogitsProcessor``).
+    Each word is tokenized as ``word.lstrip()`` and, to ban it mid-text too,
+    ``" " + word.lstrip()``; the spaced form is kept when its first id differs
+    and it has as many tokens. The engine bans a sequence's last id wherever the
+    tokens generated just before equal the rest (single tokens always).
     """
     out: list[list[int]] = []
-    for word in words or []:
-        if not isinstance(word, str) or not word.strip():
-            raise APIError("bad_words must be non-empty strings", 400, "bad_words")
-        for text in (word.lstrip(), " " + word.lstrip()):
-            ids = tokenizer.encode(text, add_special_tokens=False)
-            if ids and ids not in out:
-                out.append(list(ids))
+    for word in dict.fromkeys(words or []):
+        if not isinstance(word, str) or not word:
+            raise APIError("bad_words cannot contain an empty string.", 400, "bad_words")
+        plain = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        if not plain:
+            raise APIError(f"bad_words: {word!r} has no tokens", 400, "bad_words")
+        out.append(list(plain))
+        if spaced and spaced[0] != plain[0] and len(spaced) == len(plain):
+            out.append(list(spaced))
     return out
 
 

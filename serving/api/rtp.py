@@ -1,8 +1,9 @@
 """RTP-LLM's generate dialect: ``{prompt, generate_config}`` -> ``{response, finished, aux_info}``.
 
 A list ``prompt`` or ``prompt_batch`` answers ``response_batch``;
-``yield_generator``/``stream`` streams ``data:{json}`` events (RTP-LLM's
-framing, no space and no ``[DONE]``).
+``yield_generator``/``stream`` streams ``data:{json}\\r\\n\\r\\n`` events ending
+with ``data:[done]`` (RTP-LLM's framing); errors leave as RTP-LLM's
+``{error_code, error_code_str, message}``.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from serving.api.errors import APIError
 from serving.api.generation import Generation
 from serving.api.request_mapping import SamplingFields, build_request
-from serving.api.streaming import sse, sse_response
+from serving.api.streaming import RTP, sse_response
 
 
 class GenerateConfig(BaseModel):
@@ -83,7 +84,7 @@ async def generate(state, req: RTPRequest, base_id: str):
     gen = Generation(state, base_id, er.prompts, er.params).submit()
     view = _View(cfg, batch)
     if req.stream or cfg.yield_generator:
-        return sse_response(view.stream(gen), done_on_error=False)
+        return sse_response(view.stream(gen), framing=RTP)
     final: dict[int, Any] = {}
     async for i, out in gen.checked_outputs():
         view.tick()
@@ -104,8 +105,8 @@ class _View:
         self.steps += 1
         self.first = self.first or time.time()
 
-    def aux(self, out) -> dict[str, Any]:
-        comp = out.outputs[0] if out.outputs else None
+    def aux(self, out, comp=None) -> dict[str, Any]:
+        comp = comp or (out.outputs[0] if out.outputs else None)
         cached = getattr(out.metrics, "num_cached_tokens", 0) or 0
         now = time.time()
         return {"cost_time": round((now - self.start) * 1000, 3),
@@ -117,8 +118,10 @@ class _View:
 
     def one(self, out) -> dict[str, Any]:
         texts = [c.text for c in out.outputs]
-        obj: dict[str, Any] = {"response": texts if self.cfg.num_return_sequences else texts[0],
-                               "finished": out.finished, "aux_info": self.aux(out)}
+        many = bool(self.cfg.num_return_sequences)  # n > 1 answers lists
+        aux = [self.aux(out, c) for c in out.outputs] if many else self.aux(out)
+        obj: dict[str, Any] = {"response": texts if many else texts[0],
+                               "finished": out.finished, "aux_info": aux}
         if self.cfg.return_input_ids:
             obj["input_ids"] = list(out.prompt_token_ids)
         if self.cfg.return_output_ids:
@@ -131,4 +134,5 @@ class _View:
             obj = self.one(out)
             if self.batch:
                 obj["index"] = i
-            yield sse(obj, space=False)
+            yield RTP.event(obj)
+        yield RTP.done_event

@@ -5,7 +5,8 @@ log level, terminate.
 (``model_path`` -> SGLang's; ``serialized_named_tensors`` -> LMDeploy's),
 ``/sleep``, ``/wakeup``, ``/terminate`` (LMDeploy), ``/set_log_level``
 (RTP-LLM). The engine does the work (``EngineClient``); an engine that cannot
-(a pooling model) raises UnsupportedOperationError, answered 400.
+(a pooling model) raises UnsupportedOperationError, answered 400. LMDeploy's
+routes answer errors in its flat shape.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Optional
 from pydantic import BaseModel, ConfigDict, StrictBool
 from quart import Blueprint, Response, request
 
-from serving.api.errors import APIError, from_engine_error
+from serving.api.errors import APIError, dialect_errors, from_engine_error
 from serving.api.http import body_dict, json_response, parse_body, text_response, validate
 from serving.api.state import ServerState, current_state
 from serving.engine.errors import EngineError
@@ -89,7 +90,8 @@ async def update_weights():
     state = current_state()
     body = await body_dict()
     if "serialized_named_tensors" in body and "model_path" not in body:
-        return await _update_tensors(state, validate(TensorUpdate, body))
+        with dialect_errors("lmdeploy"):
+            return await _update_tensors(state, validate(TensorUpdate, body))
     return await _update_from_disk(state, validate(DiskUpdate, body))
 
 
@@ -123,7 +125,11 @@ async def _update_tensors(state: ServerState, req: TensorUpdate) -> Response:
 
 @bp.post("/sleep")
 async def sleep():
-    state = current_state()
+    with dialect_errors("lmdeploy"):
+        return await _sleep(current_state())
+
+
+async def _sleep(state: ServerState) -> Response:
     body = await body_dict(optional=True)
     level = request.args.get("level", body.get("level", 1))
     try:
@@ -141,8 +147,9 @@ async def sleep():
 
 @bp.post("/wakeup")
 async def wakeup():
-    await body_dict(optional=True)
-    await _call(current_state().engine.wake_up)
+    with dialect_errors("lmdeploy"):
+        await body_dict(optional=True)
+        await _call(current_state().engine.wake_up)
     return Response("", status=200)
 
 

@@ -70,8 +70,25 @@ class EmbeddingRequest(_Req):
 
 
 class ScoreRequest(_Req):
-    text_1: Union[str, list[str]]
-    text_2: Union[str, list[str]]
+    """vLLM's score body: ``text_1``/``text_2``, or the newer ``data_1``/``data_2``
+    and ``queries`` with ``documents`` or ``items`` (the same pairing)."""
+
+    text_1: Optional[Union[str, list[str]]] = None
+    text_2: Optional[Union[str, list[str]]] = None
+    data_1: Optional[Union[str, list[str]]] = None
+    data_2: Optional[Union[str, list[str]]] = None
+    queries: Optional[Union[str, list[str]]] = None
+    documents: Optional[Union[str, list[str]]] = None
+    items: Optional[Union[str, list[str]]] = None
+
+    def sides(self) -> tuple[Any, Any, str, str]:
+        """The two sides and their field names."""
+        for a, b in (("text_1", "text_2"), ("data_1", "data_2"), ("queries", "documents"),
+                     ("queries", "items")):
+            if getattr(self, a) is not None and getattr(self, b) is not None:
+                return getattr(self, a), getattr(self, b), a, b
+        raise APIError("a score request needs `text_1` and `text_2` (or `data_1`/`data_2`, "
+                       "or `queries` with `documents`)", 400, "text_1")
 
 
 class RerankRequest(_Req):
@@ -267,12 +284,13 @@ async def _text_pair_score(state: ServerState, body: dict, route: str):
     """vLLM's score: ``text_1`` x ``text_2`` (1:1, 1:N, N:N)."""
     req = validate(ScoreRequest, body)
     model = state.check_model(req.model)
-    t1, t2 = _texts(req.text_1, "text_1"), _texts(req.text_2, "text_2")
+    first, second, p1, p2 = req.sides()
+    t1, t2 = _texts(first, p1), _texts(second, p2)
     if len(t1) == 1:
         t1 = t1 * len(t2)
     elif len(t1) != len(t2):
-        raise APIError(f"text_1 ({len(t1)}) and text_2 ({len(t2)}) must have the same "
-                       "length, or text_1 a single text", 400, "text_2")
+        raise APIError(f"Input lengths must be either 1:1, 1:N or N:N: {p1} has {len(t1)}, "
+                       f"{p2} has {len(t2)}", 400, p2)
     scores, tokens = await _pair_scores(state, t1, t2, route)
     data = [{"index": i, "object": "score", "score": s} for i, s in enumerate(scores)]
     return json_response(_list_response("score", model, data, tokens))
@@ -438,10 +456,11 @@ async def rtp_similarity():
 
 @bp.post("/v1/score")
 async def v1_score():
-    """SGLang's decoder scoring (``query``/``items``), or vLLM's ``text_1``/``text_2``."""
+    """SGLang's decoder scoring (a body with ``query`` or ``label_token_ids``), else
+    vLLM's score (``text_1``/``text_2``, ...), which vLLM serves here as on /score."""
     state = current_state()
     body = await body_dict()
-    if "text_1" in body or "text_2" in body:
+    if "query" not in body and "label_token_ids" not in body:
         return await _text_pair_score(state, body, "/v1/score")
     req = validate(DecoderScoreRequest, body)
     state.check_model(req.model)

@@ -16,7 +16,7 @@ from typing import Any
 from quart import Blueprint, Response, request
 
 from serving.api.errors import APIError
-from serving.api.http import body_dict, json_response, text_response
+from serving.api.http import body_dict, json_response
 from serving.api.metrics import CONTENT_TYPE
 from serving.api.protocol import VersionResponse
 from serving.api.state import ServerState, current_state
@@ -122,19 +122,15 @@ async def is_sleeping():
 
 # ---- RTP-LLM -------------------------------------------------------------------------
 @bp.get("/")
-async def rtp_root():
-    return text_response("ok" if current_state().engine.is_ready() else "starting",
-                         200 if current_state().engine.is_ready() else 503)
-
-
+@bp.post("/health")
 @bp.route("/status", methods=["GET", "POST"])
-@bp.route("/health_check", methods=["GET", "POST"])
-async def rtp_status():
-    state = current_state()
-    ok = state.engine.is_ready()
-    return json_response({"status": "ok" if ok else "starting", "alive": ok,
-                          "cache_version": state.cache_version, "task": state.engine.task},
-                         200 if ok else 503)
+@bp.post("/health_check")
+async def rtp_health():
+    """RTP-LLM's health check: the JSON string ``"ok"``; 400 while not ready, as
+    RTP-LLM answers a backend that is not healthy. (``GET /health`` is vLLM's.)"""
+    if not current_state().engine.is_ready():
+        return json_response({"error": " HTTP health check failed"}, 400)
+    return json_response("ok")
 
 
 def _cache_status(state: ServerState, latest: int = -1) -> dict[str, Any]:

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict
 from quart import Blueprint, request
 
 from serving.api.chat import message_dicts, render_chat
-from serving.api.errors import APIError
+from serving.api.errors import APIError, dialect_errors
 from serving.api.http import body_dict, json_response, parse_body, validate
 from serving.api.protocol import (DetokenizeRequest, DetokenizeResponse, TokenizeRequest,
                                   TokenizeResponse)
@@ -76,13 +76,9 @@ async def detokenize():
 async def lmdeploy_encode():
     """LMDeploy: ``{input, do_preprocess, add_bos}`` -> ``{input_ids, length}``."""
     state = current_state()
-    req = validate(EncodeRequest, await body_dict())
-    if isinstance(req.input, str):
-        texts, single = [req.input], True
-    elif isinstance(req.input, list) and req.input and all(isinstance(t, str) for t in req.input):
-        texts, single = req.input, False
-    else:
-        raise APIError("`input` must be a string or a non-empty list of strings", 400, "input")
+    with dialect_errors("lmdeploy"):
+        req = validate(EncodeRequest, await body_dict())
+        texts, single = _encode_inputs(req.input)
     if req.do_preprocess:
         texts = [render_chat(state, message_dicts(t), add_generation_prompt=True,
                              continue_final_message=False, chat_template=None,
@@ -93,41 +89,68 @@ async def lmdeploy_encode():
     return json_response({"input_ids": ids, "length": [len(i) for i in ids]})
 
 
+def _encode_inputs(inp) -> tuple[list[str], bool]:
+    if isinstance(inp, str):
+        return [inp], True
+    if isinstance(inp, list) and inp and all(isinstance(t, str) for t in inp):
+        return inp, False
+    raise APIError("`input` must be a string or a non-empty list of strings", 400, "input")
+
+
 @bp.post("/tokenizer/encode")
 async def rtp_tokenizer_encode():
-    """RTP-LLM: ``{prompt}`` -> ``{token_ids, offset_mapping, tokens, error}``."""
+    """RTP-LLM: ``{prompt, return_offsets_mapping}`` -> ``{token_ids, tokens, error}``.
+
+    ``tokens`` are the decoded pieces of each id; with ``return_offsets_mapping``
+    the answer has ``offset_mapping`` and an empty ``tokens``, as RTP-LLM's.
+    """
     state = current_state()
-    body = await body_dict()
-    prompt = body.get("prompt")
-    if not isinstance(prompt, str):
-        raise APIError("`prompt` (a string) is required", 400, "prompt")
+    with dialect_errors("rtp"):
+        body = await body_dict()
+        prompt, offsets = body.get("prompt"), body.get("return_offsets_mapping", False)
+        if not isinstance(prompt, str):
+            raise APIError("`prompt` (a string) is required", 400, "prompt")
+        if not isinstance(offsets, bool):
+            raise APIError("`return_offsets_mapping` must be a boolean", 400,
+                           "return_offsets_mapping")
     tok = state.tokenizer
-    enc = tok(prompt, return_offsets_mapping=getattr(tok, "is_fast", False))
-    ids = list(enc["input_ids"])
-    out = {"token_ids": ids, "offset_mapping": None, "tokens": tok.convert_ids_to_tokens(ids),
-           "error": ""}
-    if "offset_mapping" in enc:
-        out["offset_mapping"] = [list(o) for o in enc["offset_mapping"]]
-    return json_response(out)
+    if offsets and getattr(tok, "is_fast", False):
+        enc = tok(prompt, return_offsets_mapping=True)
+        return json_response({"token_ids": list(enc["input_ids"]),
+                              "offset_mapping": [list(o) for o in enc["offset_mapping"]],
+                              "tokens": [], "error": ""})
+    ids = tok.encode(prompt)
+    return json_response({"token_ids": ids, "tokens": [tok.decode([i]) for i in ids],
+                          "error": ""})
 
 
 @bp.route("/chat/render", methods=["GET", "POST"])
 @bp.route("/v1/chat/render", methods=["GET", "POST"])
 async def rtp_chat_render():
-    """RTP-LLM: a chat request's messages -> the rendered prompt and its ids."""
+    """RTP-LLM: a chat request -> its ``DebugInfo`` (the rendered prompt and its ids)."""
     state = current_state()
-    if request.method == "POST":
-        body = await body_dict()
-    else:
-        try:
-            body = {"messages": json.loads(request.args.get("messages", "null") or "null")}
-        except json.JSONDecodeError as exc:
-            raise APIError(f"`messages` is not valid JSON: {exc}", 400, "messages") from None
-    req = validate(RenderRequest, body)
-    text = render_chat(state, message_dicts(req.messages),
-                       add_generation_prompt=req.add_generation_prompt,
-                       continue_final_message=False, chat_template=None,
-                       chat_template_kwargs=req.chat_template_kwargs)
-    ids = state.tokenizer.encode(text, add_special_tokens=False)
-    return json_response({"rendered_prompt": text, "prompt": text, "input_ids": ids,
-                          "input_urls": []})
+    with dialect_errors("rtp"):
+        if request.method == "POST":
+            body = await body_dict()
+        else:
+            try:
+                body = {"messages": json.loads(request.args.get("messages", "null") or "null")}
+            except json.JSONDecodeError as exc:
+                raise APIError(f"`messages` is not valid JSON: {exc}", 400, "messages") from None
+        req = validate(RenderRequest, body)
+        text = render_chat(state, message_dicts(req.messages),
+                           add_generation_prompt=req.add_generation_prompt,
+                           continue_final_message=False, chat_template=None,
+                           chat_template_kwargs=req.chat_template_kwargs)
+    tok = state.tokenizer
+    eos = getattr(tok, "eos_token_id", None)
+    return json_response({
+        "input_prompt": text, "input_ids": tok.encode(text, add_special_tokens=False),
+        "input_urls": [], "tokenizer_info": type(tok).__name__,
+        "max_seq_len": state.max_model_len, "eos_token_id": eos,
+        "stop_word_ids_list": [[eos]] if eos is not None else [], "stop_words_list": [],
+        "renderer_info": {"class_name": "ChatTemplateRenderer",
+                          "renderer_model_type": state.engine.hf_config.get("model_type"),
+                          "extra_stop_word_ids_list": [], "extra_stop_words_list": [],
+                          "template": state.chat_template()},
+        "generate_config": None, "output_ids": None, "raw_output": None})
