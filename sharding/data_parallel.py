@@ -2,16 +2,16 @@
 
 Each replica is a full ``LLMEngine`` (its own scheduler, block manager, KV
 cache and ``ModelRunner``) on its own row of the ``(data, tensor)`` mesh.
-``DataParallelEngine`` presents the same interface ``AsyncEngine`` drives on
-one ``LLMEngine`` (``validate``/``submit``/``abort``/``has_work``/``step``/
-``stats`` and the ``scheduler``/``runner``/``_inbox`` it peeks at), so the HTTP
-layer is unchanged. New requests go to the least-loaded replica (fewest
-running + waiting sequences); ``step()`` steps every busy replica on its own
-thread, so their device work overlaps. The admin operations of ``AsyncEngine``
-(sleep, wake-up, weight updates) reach each replica through ``engines``.
+``DataParallelEngine`` implements the same ``EngineCore`` contract
+(``serving.engine.protocol``) as one ``LLMEngine``, by delegating to its
+replicas, so ``AsyncEngine`` and the HTTP layer are unchanged. New requests
+go to the least-loaded replica (fewest running + queued sequences);
+``step()`` steps every busy replica on its own thread, so their device work
+overlaps. The admin operations of ``AsyncEngine`` (sleep, wake-up, weight
+updates) reach each replica through ``replicas``.
 
-This module is duck-typed over the replicas and imports nothing from
-``serving`` (layers point one way: ``serving`` uses ``sharding``).
+The contract is structural (a ``typing.Protocol``): this module imports
+nothing from ``serving`` (layers point one way: ``serving`` uses ``sharding``).
 """
 
 from __future__ import annotations
@@ -23,94 +23,71 @@ from concurrent.futures import ThreadPoolExecutor
 logger = logging.getLogger(__name__)
 
 
-class _Inbox:
-    """``len()`` of every replica's inbox (AsyncEngine's queue-size check)."""
-
-    def __init__(self, engines):
-        self._engines = engines
-
-    def __len__(self) -> int:
-        return sum(len(e._inbox) for e in self._engines)
-
-
-class _Schedulers:
-    def __init__(self, engines):
-        self._engines = engines
-
-    @property
-    def num_waiting(self) -> int:
-        return sum(e.scheduler.num_waiting for e in self._engines)
-
-    @property
-    def num_running(self) -> int:
-        return sum(e.scheduler.num_running for e in self._engines)
-
-    def has_unfinished(self) -> bool:
-        return any(e.scheduler.has_unfinished() for e in self._engines)
-
-    def flush_prefix_cache(self) -> bool:
-        return all([e.scheduler.flush_prefix_cache() for e in self._engines])
-
-
-class _Runners:
-    def __init__(self, engines):
-        self._engines = engines
-
-    def precompile(self) -> float:
-        """Compiles every replica's buckets (replicas on distinct devices compile alike)."""
-        return sum(e.runner.precompile() for e in self._engines)
-
-
 class DataParallelEngine:
-    """``LLMEngine``-shaped front of several replicas.
+    """An ``EngineCore`` over several ``LLMEngine`` replicas.
 
     Args:
-      engines: the replicas (``LLMEngine``), each on its own device group.
+      engines: the replicas, each on its own device group; they serve the
+        same checkpoint with the same config.
     """
 
     def __init__(self, engines):
         if not engines:
             raise ValueError("DataParallelEngine needs at least one replica")
-        self.engines = list(engines)
-        first = self.engines[0]
+        self._replicas = list(engines)
+        first = self._replicas[0]
         self.config = first.config
         self.tokenizer = first.tokenizer
         self.model_config = first.model_config
         self.max_model_len = first.max_model_len
-        self.model_path = first.model_path
-        self.vocab_size = first.vocab_size
-        self.scheduler = _Schedulers(self.engines)
-        self.runner = _Runners(self.engines)
-        self._inbox = _Inbox(self.engines)
         self._owner: dict[str, int] = {}  # request id -> replica index
-        self._pool = ThreadPoolExecutor(len(self.engines), thread_name_prefix="dp-replica")
-        self.on_output = None
+        self._pool = ThreadPoolExecutor(len(self._replicas), thread_name_prefix="dp-replica")
+
+    @property
+    def replicas(self) -> list:
+        """The replicas (``LLMEngine``), for the admin operations that touch device state."""
+        return list(self._replicas)
+
+    @property
+    def model_path(self) -> str:
+        """Where the serving weights came from (a weight update changes every replica's)."""
+        return self._replicas[0].model_path
+
+    @property
+    def hf_config(self) -> dict:
+        return self._replicas[0].hf_config
 
     def load(self, index: int) -> int:
         """Sequences replica ``index`` holds or will soon hold."""
-        e = self.engines[index]
-        return e.scheduler.num_running + e.scheduler.num_waiting + len(e._inbox)
+        e = self._replicas[index]
+        return e.num_running() + e.num_queued()
 
     def validate(self, prompt_token_ids, params):
-        return self.engines[0].validate(prompt_token_ids, params)
+        return self._replicas[0].validate(prompt_token_ids, params)
 
     def submit(self, request_id: str, prompt_token_ids, params) -> None:
         """Queues a request on the least-loaded replica (any thread)."""
-        index = min(range(len(self.engines)), key=self.load)
+        index = min(range(len(self._replicas)), key=self.load)
         self._owner[request_id] = index
-        self.engines[index].submit(request_id, prompt_token_ids, params)
+        self._replicas[index].submit(request_id, prompt_token_ids, params)
 
     def abort(self, request_id: str) -> None:
         index = self._owner.get(request_id)
         if index is not None:
-            self.engines[index].abort(request_id)
+            self._replicas[index].abort(request_id)
+
+    def num_queued(self) -> int:
+        return sum(e.num_queued() for e in self._replicas)
+
+    def num_running(self) -> int:
+        return sum(e.num_running() for e in self._replicas)
 
     def has_work(self) -> bool:
-        return any(e.has_work() for e in self.engines)
+        return any(e.has_work() for e in self._replicas)
 
     def step(self) -> list:
         """Steps every busy replica concurrently; returns all their outputs."""
-        busy = [e for e in self.engines if e.has_work()]
+        busy = [e for e in self._replicas if e.has_work()]
         if len(busy) == 1:
             outputs = busy[0].step()
         else:
@@ -120,9 +97,17 @@ class DataParallelEngine:
                 self._owner.pop(out.request_id, None)
         return outputs
 
+    def precompile(self) -> float:
+        """Compiles every replica's step programs; returns the seconds spent."""
+        return sum(e.precompile() for e in self._replicas)
+
+    def flush_prefix_cache(self) -> bool:
+        """Drops every replica's prefix cache; False if any refused (requests running)."""
+        return all([e.flush_prefix_cache() for e in self._replicas])
+
     def stats(self) -> dict:
         """Sums of the replicas' counters; ``kv_cache_usage`` is their mean."""
-        per = [e.stats() for e in self.engines]
+        per = [e.stats() for e in self._replicas]
         total: dict = {}
         finished: collections.Counter = collections.Counter()
         for s in per:
@@ -136,5 +121,5 @@ class DataParallelEngine:
         total["kv_cache_usage"] = sum(s["kv_cache_usage"] for s in per) / len(per)
         total["last_step_seconds"] = max(s["last_step_seconds"] for s in per)
         total["requests_finished"] = dict(finished)
-        total["data_parallel_size"] = len(self.engines)
+        total["data_parallel_size"] = len(self._replicas)
         return total

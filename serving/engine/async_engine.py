@@ -1,26 +1,35 @@
-"""``AsyncEngine``: runs an ``LLMEngine`` on its own thread for asyncio callers.
+"""``AsyncEngine``: runs an ``EngineCore`` on its own thread for asyncio callers.
 
 The HTTP layer calls ``add_request`` and iterates the returned
-``RequestStream``; the engine thread loops ``LLMEngine.step()`` and hands each
-step's ``RequestOutput`` snapshots back with ``loop.call_soon_threadsafe``.
-Sleep/wake-up and weight updates (the native admin routes) swap device state
-between steps under the engine lock.
+``RequestStream``; the engine thread loops ``EngineCore.step()`` (one
+``LLMEngine``, or a ``DataParallelEngine`` of several) and hands each step's
+``RequestOutput`` snapshots back with ``loop.call_soon_threadsafe``.
+Sleep/wake-up and weight updates (the native admin routes) go to every
+replica (``EngineCore.replicas``) between steps, under the engine lock; each
+replica's runner is the only holder of its weights.
+
+``AsyncEngine`` implements ``serving.engine.protocol.EngineClient`` for the
+task "generate"; its pooling members raise ``UnsupportedOperationError``.
 """
 
 from __future__ import annotations
 
 import asyncio
 import gc
+import itertools
 import logging
 import os
 import threading
 from typing import Optional
 
 from serving.engine.config import EngineConfig
-from serving.engine.engine import LLMEngine, build_engine
+from serving.engine.engine import build_engine
+from serving.engine.errors import (EngineNotReadyError, EngineOverloadedError,
+                                   RequestFailedError, UnsupportedOperationError,
+                                   ValidationError)
 from serving.engine.loop_thread import LoopThread
-from serving.engine.types import (EngineNotReadyError, EngineOverloadedError, RequestOutput,
-                                  SamplingParams, ValidationError)
+from serving.engine.protocol import EngineCore
+from serving.engine.types import RequestOutput, SamplingParams
 
 logger = logging.getLogger(__name__)
 
@@ -65,21 +74,36 @@ class RequestStream:
 
 
 class AsyncEngine(LoopThread):
-    """Runs ``LLMEngine`` on its own thread and streams outputs to asyncio."""
+    """Runs an ``EngineCore`` on its own thread and streams outputs to asyncio.
 
-    def __init__(self, config: EngineConfig, engine: Optional[LLMEngine] = None):
+    Args:
+        config: the EngineConfig.
+        engine: the core to drive; default: ``build_engine(config)``.
+    """
+
+    task = "generate"
+    id2label: dict = {}  # a generation model has no classifier labels
+    normalize = False  # nor embeddings
+
+    def __init__(self, config: EngineConfig, engine: Optional[EngineCore] = None):
         _enable_compile_cache(config.compile_cache_dir)
         self.config = config
-        self.engine = engine or build_engine(config)
+        self.engine: EngineCore = engine or build_engine(config)
         self._streams: dict[str, RequestStream] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._init_loop()
         self._sleeping = False
+        self._sleep_host_state = None  # level-1 sleep: one host copy of the weights
         self._lock = threading.Lock()
         self._update_lock = threading.Lock()  # serializes tensor updates
         self._pending: dict = {}  # state path -> host array staged by update_weights_from_tensors
+        self._health_ids = itertools.count()
 
-    # attributes the HTTP layer reads
+    # ---- what the HTTP layer reads
+    @property
+    def hf_config(self) -> dict:
+        return self.engine.hf_config
+
     @property
     def tokenizer(self):
         return self.engine.tokenizer
@@ -103,7 +127,7 @@ class AsyncEngine(LoopThread):
         """Compiles every bucket (unless disabled) and starts the engine thread."""
         self._loop = asyncio.get_running_loop()
         if self.config.precompile:
-            await asyncio.to_thread(self.engine.runner.precompile)
+            await asyncio.to_thread(self.engine.precompile)
         # The model, tokenizer and compiled programs live as long as the server:
         # moving them out of the collector's generations keeps its periodic full
         # passes (~4% of a decode step here) to the objects requests create.
@@ -119,7 +143,7 @@ class AsyncEngine(LoopThread):
         params = self.engine.validate(prompt_token_ids, params)
         if request_id in self._streams:
             raise ValidationError("request_id", f"request id {request_id!r} is already running")
-        if self.engine.scheduler.num_waiting + len(self.engine._inbox) >= self.config.max_queue_size:
+        if self.engine.num_queued() >= self.config.max_queue_size:
             raise EngineOverloadedError(
                 f"The server is overloaded: {self.config.max_queue_size} requests are waiting")
         stream = RequestStream(self, request_id)
@@ -146,8 +170,47 @@ class AsyncEngine(LoopThread):
         return self.engine.stats()
 
     def flush_cache(self) -> bool:
+        """Drops the prefix cache; False (nothing done) while requests run."""
         with self._lock:
-            return self.engine.scheduler.flush_prefix_cache()
+            return self.engine.flush_prefix_cache()
+
+    async def health_check(self) -> None:
+        """Generates one greedy token end to end.
+
+        Raises:
+            EngineNotReadyError: starting, sleeping or shut down.
+            RequestFailedError: the request failed or produced no token.
+        """
+        tok = self.tokenizer
+        bos = getattr(tok, "bos_token_id", None)
+        ids = [bos] if bos is not None else (tok.encode("hi")[:1] or [0])
+        last = None
+        async for out in self.generate(ids, SamplingParams(max_tokens=1, temperature=0.0),
+                                       f"health-check-{next(self._health_ids)}"):
+            last = out
+        if last is None or last.error or not last.outputs or not last.outputs[0].token_ids:
+            reason = (last.error if last is not None else None) or "no token generated"
+            raise RequestFailedError(f"health check failed: {reason}")
+
+    # ---- pooling: not served by a generation model
+    def _no_pooling(self, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(f"This server runs a generation model "
+                                         f"({self.model_path}); {what} is not available.")
+
+    async def embed(self, inputs: list, normalize: Optional[bool] = None):
+        raise self._no_pooling("embedding")
+
+    async def score(self, pairs: list):
+        raise self._no_pooling("scoring")
+
+    async def classify(self, inputs: list):
+        raise self._no_pooling("classification")
+
+    async def token_embeddings(self, inputs: list, normalize: bool = False) -> list:
+        raise self._no_pooling("token embedding")
+
+    def count_tokens(self, inputs: list, pairs: bool = False) -> list[int]:
+        raise self._no_pooling("pooling")
 
     def _deliver(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:
@@ -177,13 +240,6 @@ class AsyncEngine(LoopThread):
     def is_sleeping(self) -> bool:
         return self._sleeping
 
-    def num_unfinished(self) -> int:
-        return len(self._streams) + len(self.engine._inbox)
-
-    def _replicas(self) -> list:
-        """The ``LLMEngine``s behind this engine: one, or each data-parallel replica."""
-        return list(getattr(self.engine, "engines", None) or [self.engine])
-
     def sleep(self, level: int = 1) -> None:
         """Frees the device memory of weights and KV cache (LMDeploy/vLLM sleep).
 
@@ -194,7 +250,8 @@ class AsyncEngine(LoopThread):
         meanwhile get EngineNotReadyError (503).
 
         Raises:
-            RuntimeError: requests are still running.
+            RuntimeError: requests are still running (not an engine error:
+                the caller retries once they finish).
         """
         import jax
 
@@ -204,51 +261,35 @@ class AsyncEngine(LoopThread):
         with self._lock:
             if self.engine.has_work():
                 self._sleeping = False
-                raise RuntimeError(f"cannot sleep while {self.num_unfinished()} requests run")
-            replicas = self._replicas()
-            self._sleep_host_state = (jax.device_get(replicas[0].runner.state)
-                                      if level == 1 else None)
-            self._sleep_shardings = [jax.tree.map(lambda a: a.sharding, r.runner.state)
-                                     for r in replicas]
+                raise RuntimeError(f"cannot sleep while {len(self._streams)} requests run")
+            replicas = self.engine.replicas
+            self._sleep_host_state = jax.device_get(replicas[0].state) if level == 1 else None
             for r in replicas:
-                r.block_manager.flush_prefix_cache()  # cached pages die with the KV
-                r.runner.release()
-                r.loaded.state = None
+                r.release()
         logger.info("engine asleep (level %d): weights and KV cache of %d replica(s) released",
                     level, len(replicas))
 
     def wake_up(self) -> None:
         """Restores the weights and KV cache released by ``sleep`` (every replica)."""
-        import jax
-
         if not self._sleeping:
             return
         with self._lock:
-            replicas = self._replicas()
+            replicas = self.engine.replicas
             host = self._sleep_host_state
-            if host is None:
-                from model.loader import load_model
-                host = replicas[0].quantize(load_model(
-                    replicas[0].model_path, dtype=replicas[0].dtype, with_tokenizer=False)).state
-            for r, shardings in zip(replicas, self._sleep_shardings):
-                state = jax.tree.map(jax.device_put, host, shardings)
-                r.runner.restore(state)
-                r.loaded.state = state
-            self._sleep_host_state = self._sleep_shardings = None
+            if host is None:  # level 2: reload what served last
+                host = replicas[0].read_checkpoint(replicas[0].model_path).state
+            for r in replicas:
+                r.restore(host)
+            self._sleep_host_state = None
         self._sleeping = False
         logger.info("engine awake")
 
     def _swap_states(self, states: list, model_path: Optional[str] = None) -> None:
         """Installs one new state per replica between steps; drops the prefix cache."""
         with self._lock:
-            for r, state in zip(self._replicas(), states):
-                r.runner.state = state
-                r.loaded.state = state
-                if model_path is not None:
-                    r.model_path = model_path
-            if model_path is not None:
-                self.engine.model_path = model_path
-            self.engine.scheduler.flush_prefix_cache()  # refused (False) while requests run
+            for r, state in zip(self.engine.replicas, states):
+                r.swap_state(state, model_path)
+            self.engine.flush_prefix_cache()  # refused (False) while requests run
 
     def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
         """Loads new weights of the same architecture and shapes; swaps between steps.
@@ -260,28 +301,22 @@ class AsyncEngine(LoopThread):
         Returns:
             ``(success, message)`` worded as SGLang words them.
         """
-        import jax
-
-        from model.loader import load_model
-
-        replicas = self._replicas()
+        replicas = self.engine.replicas
         try:
-            new = replicas[0].quantize(
-                load_model(model_path, dtype=replicas[0].dtype, with_tokenizer=False))
+            new = replicas[0].read_checkpoint(model_path)
         except FileNotFoundError:
             return False, f"Failed to get weights iterator: {model_path} (repository not found)."
         except Exception as exc:  # noqa: BLE001 - reported to the client
             return False, (f"Failed to update weights: {exc}.\n"
                            "Rolling back to original weights.")
-        old = replicas[0].runner.state
+        old = replicas[0].state
         problem = _state_mismatch(old, new.state) if old is not None else "the engine is asleep"
         if problem is None and new.config.architecture != self.engine.model_config.architecture:
             problem = (f"architecture {new.config.architecture} does not match "
                        f"{self.engine.model_config.architecture}")
         if problem is not None:
             return False, f"Failed to update weights: {problem}.\nRolling back to original weights."
-        states = [jax.tree.map(lambda n, o: jax.device_put(n, o.sharding), new.state,
-                               r.runner.state) for r in replicas]
+        states = [r.place(new.state) for r in replicas]
         self._swap_states(states, str(new.path))
         logger.info("updated weights of %d replica(s) from %s", len(replicas), model_path)
         return True, "Succeeded to update model weights."
@@ -304,12 +339,10 @@ class AsyncEngine(LoopThread):
         Returns:
             ``(success, message)``; on failure the old weights keep serving.
         """
-        import jax
-
-        from model.weights import paths_from_hf_update
+        from model.weights import apply_update, paths_from_hf_update
 
         with self._update_lock:
-            if self._sleeping or self._replicas()[0].runner.state is None:
+            if self._sleeping or self.engine.replicas[0].state is None:
                 self._pending = {}
                 return False, "Failed to update weights: the engine is asleep; POST /wakeup first."
             if self.config.quantization:
@@ -329,14 +362,9 @@ class AsyncEngine(LoopThread):
                               "they take effect with finished=true.")
             pending, self._pending = self._pending, {}
 
-            def replace(keypath, leaf):
-                path = tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
-                if path not in pending:
-                    return leaf
-                return jax.device_put(pending[path].astype(leaf.dtype), leaf.sharding)
-
-            states = [jax.tree_util.tree_map_with_path(replace, r.runner.state)
-                      for r in self._replicas()]
+            # q, k, v, gate, up land in their slices of the fused leaves
+            states = [apply_update(self.engine.model_config, r.state, pending)
+                      for r in self.engine.replicas]
             self._swap_states(states)
         logger.info("updated %d tensor(s) on %d replica(s) from serialized tensors",
                     len(pending), len(states))

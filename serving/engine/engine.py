@@ -30,11 +30,13 @@ from typing import Optional
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
+from serving.engine.errors import ValidationError
 from serving.engine.guided import GuideCompiler, GuideMatcher
-from serving.engine.scheduler import Scheduler, SchedulerConfig
-from serving.engine.sequence import PENDING_TOKEN, Sequence, SequenceGroup
+from serving.engine.pipeline import InFlight, Pipeline, settle
+from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
+from serving.engine.sequence import Sequence, SequenceGroup
 from serving.engine.types import (CompletionOutput, FinishReason, Logprob, RequestMetrics,
-                                  RequestOutput, SamplingParams, ValidationError)
+                                  RequestOutput, SamplingParams)
 
 logger = logging.getLogger(__name__)
 
@@ -49,17 +51,6 @@ class _SeqState:
     out: CompletionOutput
     full_text: str = ""
     guide: Optional[GuideMatcher] = None  # grammar state for guided decoding
-
-
-@dataclasses.dataclass
-class _InFlight:
-    """A step launched on the device whose results the host has not read."""
-
-    out: object  # SchedulerOutput
-    handle: object  # runner.StepHandle
-    samplers: list  # (Sequence, token is PENDING_TOKEN) for each sequence it samples
-    t0: float  # when it was scheduled
-    sync_next: bool  # read it before scheduling the next step
 
 
 class _RequestState:
@@ -103,10 +94,14 @@ class _RequestState:
 
 
 class LLMEngine:
-    """Synchronous engine core; ``step()`` runs one scheduling + device step.
+    """Synchronous engine core (one replica); ``step()`` runs one scheduling + device step.
 
-    Thread-safety: ``submit``/``abort`` may be called from any thread (they go
-    through the inbox); everything else runs on the engine thread.
+    Implements ``serving.engine.protocol.EngineCore``. Thread-safety:
+    ``submit``/``abort`` may be called from any thread (they go through the
+    inbox); everything else runs on the engine thread.
+
+    The weights have one owner, the ``ModelRunner``: ``state`` reads them, and
+    sleep and weight updates go through ``release``/``restore``/``swap_state``.
     """
 
     def __init__(self, config: EngineConfig, loaded=None, mesh=None):
@@ -124,17 +119,18 @@ class LLMEngine:
         t0 = time.perf_counter()
         # mesh: this replica's devices (sharding.mesh); default: tp devices, or none at tp 1
         self.layout = TensorParallelLayout.for_engine(config.tensor_parallel_size, mesh)
-        self.loaded = (self.layout.adopt(loaded) if loaded is not None else load_model(
+        loaded = (self.layout.adopt(loaded) if loaded is not None else load_model(
             config.model, dtype=dtype, shardings_for=self.layout.shardings_for))
-        logger.info("loaded %s (%s) in %.1fs", self.loaded.path, self.loaded.format,
+        logger.info("loaded %s (%s) in %.1fs", loaded.path, loaded.format,
                     time.perf_counter() - t0)
         if config.quantization:
-            self.loaded = self.quantize(self.loaded)
+            loaded = self.quantize(loaded)
             logger.info("quantized the MLP, embedding and LM head weights (%s)",
                         config.quantization)
-        self.model_config = self.loaded.config
-        self.tokenizer = self.loaded.tokenizer
-        self.model_path = str(self.loaded.path)
+        self.model_config = loaded.config
+        self.tokenizer = loaded.tokenizer
+        self.model_path = str(loaded.path)
+        self.hf_config = dict(loaded.hf_config or {})
         mc = self.model_config
         limit = mc.max_position_embeddings or 4096
         if config.max_model_len is not None and config.max_model_len > limit:
@@ -149,16 +145,18 @@ class LLMEngine:
         self.vocab_size = mc.vocab_size
         self.guides = GuideCompiler(self.tokenizer, self.eos_ids)  # llguidance, built lazily
         self._build_core()
-        self._build_runner()
+        self._build_runner(loaded)
+        # everything but the weights, which the runner owns (see ``loaded``)
+        self._checkpoint = dataclasses.replace(loaded, state=None)
+        self._sleep_shardings = None  # the weights' layout while released (sleep)
         self._inbox: collections.deque = collections.deque()
         self._requests: dict[str, _RequestState] = {}
         self._rng = random.Random(config.seed)
-        self.on_output = None  # callback(list[RequestOutput]) set by AsyncEngine
         self.counters = collections.Counter()
         self.last_step_seconds = 0.0
-        # async scheduling: the launched step not yet read back (None when idle)
-        self.async_scheduling = config.async_scheduling and config.nnodes == 1
-        self._inflight: Optional[_InFlight] = None
+        # async scheduling: multi-host steps run in lockstep, so synchronously
+        self.pipeline = Pipeline(config.async_scheduling and config.nnodes == 1,
+                                 self.max_model_len)
 
     # ---- construction -------------------------------------------------------
     def _plan_num_pages(self) -> int:
@@ -220,7 +218,7 @@ class LLMEngine:
                             enable_chunked_prefill=cfg.enable_chunked_prefill),
             self.block_manager)
 
-    def _build_runner(self) -> None:
+    def _build_runner(self, loaded) -> None:
         import jax.numpy as jnp
 
         from serving.engine.buckets import BucketPlan
@@ -237,10 +235,79 @@ class LLMEngine:
         if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) in ("xla", "cpu"):
             kv_dtype = jnp.dtype(BF16_STORAGE)  # in-place scatter on CPU (reference.py)
         self.runner = ModelRunner(
-            self.loaded.graphdef, self.loaded.state, self.model_config,
+            loaded.graphdef, loaded.state, self.model_config,
             num_pages=self.num_pages, page_size=self.page_size, plan=self.plan,
             kv_dtype=kv_dtype, attention_backend=cfg.attention_backend,
             kv_sharding=self.layout.kv_sharding(), mesh=self.layout.mesh)
+
+    # ---- the weights (owned by the runner) -------------------------------------
+    @property
+    def replicas(self) -> list["LLMEngine"]:
+        """Itself: one replica (``DataParallelEngine`` has several)."""
+        return [self]
+
+    @property
+    def state(self):
+        """The weights serving now (an ``nnx.State`` on this replica's devices; None asleep)."""
+        return self.runner.state
+
+    @property
+    def loaded(self):
+        """The checkpoint as a ``model.loader.LoadedModel`` with the serving weights.
+
+        A view built on each call (for reference loops such as
+        ``model.generate.greedy_generate``); the runner keeps the only
+        reference to the weights.
+        """
+        return dataclasses.replace(self._checkpoint, state=self.runner.state)
+
+    def read_checkpoint(self, path: str):
+        """Loads weights for this engine (its dtype and ``--quantization``) on the host.
+
+        Returns:
+            A ``LoadedModel`` without a tokenizer; ``place`` puts its state on
+            a replica's devices.
+        """
+        from model.loader import load_model
+
+        return self.quantize(load_model(path, dtype=self.dtype, with_tokenizer=False))
+
+    def place(self, host_state):
+        """``host_state`` on this replica's devices, laid out as the serving weights."""
+        import jax
+
+        shardings = self._sleep_shardings
+        if shardings is None:
+            shardings = jax.tree.map(lambda a: a.sharding, self.state)
+        return jax.tree.map(jax.device_put, host_state, shardings)
+
+    def swap_state(self, state, model_path: Optional[str] = None) -> None:
+        """Serves ``state`` (already placed) from the next step on.
+
+        Call between steps; the caller drops the prefix cache (its KV came
+        from the old weights).
+        """
+        self.runner.state = state
+        if model_path is not None:
+            self.model_path = model_path
+            self._checkpoint = dataclasses.replace(self._checkpoint, path=model_path)
+
+    def release(self) -> None:
+        """Frees the device memory of the weights and the KV cache (sleep).
+
+        The prefix cache goes with the KV. ``restore`` brings both back with
+        the same layout.
+        """
+        import jax
+
+        self._sleep_shardings = jax.tree.map(lambda a: a.sharding, self.state)
+        self.block_manager.flush_prefix_cache()
+        self.runner.release()
+
+    def restore(self, host_state) -> None:
+        """Places ``host_state`` as the weights released by ``release``; a fresh KV cache."""
+        self.runner.restore(self.place(host_state))
+        self._sleep_shardings = None
 
     # ---- requests -------------------------------------------------------------
     def validate(self, prompt_token_ids: list[int], params: SamplingParams) -> SamplingParams:
@@ -276,9 +343,24 @@ class LLMEngine:
         """Aborts a request (any thread); its pages free at the next step."""
         self._inbox.append(("abort", request_id, None, None))
 
+    def num_queued(self) -> int:
+        """Sequences submitted or waiting, not yet running (load shedding, placement)."""
+        return self.scheduler.num_waiting + len(self._inbox)
+
+    def num_running(self) -> int:
+        """Sequences admitted (holding pages)."""
+        return self.scheduler.num_running
+
     def has_work(self) -> bool:
-        return (bool(self._inbox) or self.scheduler.has_unfinished()
-                or self._inflight is not None)
+        return bool(self._inbox) or self.scheduler.has_unfinished() or self.pipeline.busy
+
+    def precompile(self) -> float:
+        """Compiles (and warms) every step program; returns the seconds spent."""
+        return self.runner.precompile()
+
+    def flush_prefix_cache(self) -> bool:
+        """Drops the prefix cache; False (nothing done) while requests are unfinished."""
+        return self.scheduler.flush_prefix_cache()
 
     def _drain_inbox(self) -> list[RequestOutput]:
         outputs = []
@@ -319,64 +401,50 @@ class LLMEngine:
 
     # ---- the step --------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Runs one step; returns a snapshot of every request it touched.
+        """Runs one step: schedule -> launch -> complete; a snapshot of every request touched.
 
-        With async scheduling, step N+1 is scheduled and dispatched while step
-        N still runs on the device: sequences sampled by step N carry a
-        ``PENDING_TOKEN`` whose input is gathered on the device from N's
-        output, and N's results are read (detokenized, stop-checked) after
-        N+1 is queued. Steps that need N's tokens on the host first (guided
-        decoding, penalties, multi-host lockstep) run synchronously.
+        With async scheduling (``serving.engine.pipeline``) the step read here
+        is usually the one launched by the previous call, so the host's work
+        overlaps the device's; steps whose successor needs their tokens on the
+        host are read at once.
         """
         outputs = self._drain_inbox()
-        if self._inflight is not None and self._inflight.sync_next:
-            outputs.extend(self._complete(self._pop_inflight()))
+        out, ended = self._schedule()
+        outputs += ended
+        if out.is_empty:
+            return outputs + self._complete(self.pipeline.take())
+        outputs += self._launch(out)
+        return outputs + self._complete(self.pipeline.take_if_sync())
+
+    def _schedule(self) -> tuple[SchedulerOutput, list[RequestOutput]]:
+        """This step's work, and the requests the scheduler itself ended (max_model_len)."""
         out = self.scheduler.schedule()
-        for seq in out.finished:  # finished by the scheduler (max_model_len)
+        self.counters["preemptions"] += len(out.preempted)
+        ended = []
+        for seq in out.finished:
             st = self._requests.get(seq.request_id)
             if st is not None:
-                outputs.extend(self._on_seq_finished(st, seq, FinishReason.LENGTH))
-        if out.is_empty:
-            if self._inflight is not None:
-                outputs.extend(self._complete(self._pop_inflight()))
-            return outputs
-        self.counters["preemptions"] += len(out.preempted)
-        t0 = time.perf_counter()
-        items = [self._step_item(s) for s in out.scheduled]
-        prev = self._pop_inflight()
-        try:
-            handle = self.runner.launch(items, prev.handle if prev is not None else None)
-        except Exception as exc:  # a device failure ends the requests in this step only
-            logger.exception("step failed; failing %d requests", len(items))
-            if prev is not None:
-                outputs.extend(self._complete(prev))
-            outputs.extend(self._fail(out, exc))
-            return outputs
-        if prev is not None:  # read step N-1 while step N runs
-            self.counters["overlapped_steps"] += 1
-            outputs.extend(self._complete(prev))
-            self.last_step_seconds = t0 - prev.t0
-        samplers = self.scheduler.advance(out)
-        sync_next = not self.async_scheduling or any(s.params.needs_sync() for s in samplers)
-        pending = []
-        for seq in samplers:
-            p = seq.params
-            # a pending token only where another step surely follows it
-            is_pending = (not sync_next and handle.feeds(seq.seq_id)
-                          and seq.num_output_tokens + 1 < p.max_tokens
-                          and seq.num_tokens + 1 < self.max_model_len)
-            if is_pending:
-                seq.append_token(PENDING_TOKEN)
-            pending.append((seq, is_pending))
-        self._inflight = _InFlight(out, handle, pending, t0, sync_next)
-        if not self.async_scheduling:
-            outputs.extend(self._complete(self._pop_inflight()))
-            self.last_step_seconds = time.perf_counter() - t0
-        return outputs
+                ended += self._on_seq_finished(st, seq, FinishReason.LENGTH)
+        return out, ended
 
-    def _pop_inflight(self) -> Optional["_InFlight"]:
-        fl, self._inflight = self._inflight, None
-        return fl
+    def _launch(self, out: SchedulerOutput) -> list[RequestOutput]:
+        """Launches ``out`` on the device and makes it the step in flight.
+
+        The step that was in flight is read after the launch, while ``out``
+        runs; returns its outputs. A launch that fails ends ``out``'s requests.
+        """
+        prev = self.pipeline.take()
+        try:
+            handle = self.runner.launch([self._step_item(s) for s in out.scheduled],
+                                        prev.handle if prev is not None else None)
+        except Exception as exc:  # a device failure ends the requests in this step only
+            logger.exception("step failed; failing %d requests", len(out.scheduled))
+            return self._complete(prev) + self._fail(out, exc)
+        if prev is not None:
+            self.counters["overlapped_steps"] += 1
+        outputs = self._complete(prev)
+        self.pipeline.launched(out, handle, self.scheduler.advance(out))
+        return outputs
 
     def _fail(self, out, exc: Exception) -> list[RequestOutput]:
         """Ends every request of a failed step with an error."""
@@ -388,14 +456,17 @@ class LLMEngine:
                 outputs.append(self._finish_request(st, FinishReason.ERROR, str(exc)))
         return outputs
 
-    def _complete(self, fl: "_InFlight") -> list[RequestOutput]:
-        """Reads a launched step's results and hands its tokens to their requests."""
+    def _complete(self, fl: Optional[InFlight]) -> list[RequestOutput]:
+        """Reads a launched step's results (none: nothing) and hands its tokens on."""
+        if fl is None:
+            return []
         out = fl.out
         try:
             results = self.runner.collect(fl.handle)
         except Exception as exc:
             logger.exception("step failed; failing %d requests", len(out.scheduled))
             return self._fail(out, exc)
+        self.last_step_seconds = time.perf_counter() - fl.launched_at
         outputs: list[RequestOutput] = []
         self.counters["steps"] += 1
         self.counters["prompt_tokens"] += out.num_prefill_tokens
@@ -419,10 +490,7 @@ class LLMEngine:
             if st is None or seq.is_finished:
                 continue  # aborted or finished while the step ran: its token is dropped
             r = results[seq.seq_id]
-            if is_pending:
-                seq.resolve_pending(r.token)
-            else:
-                seq.append_token(r.token)
+            settle(seq, is_pending, r.token)
             try:
                 reason = self._on_token(st, st.seqs[seq.seq_id], r, now)
             except Exception as exc:  # e.g. a detokenizer failure: end this request only
@@ -446,9 +514,9 @@ class LLMEngine:
         st = self._requests[seq.request_id]
         p = st.params
         toks = seq.all_token_ids[sch.start:sch.end]
-        banned = ()
+        banned = tuple(p.bad_word_bans(seq.output_token_ids)) if p.bad_words_ids else ()
         if seq.num_output_tokens < p.min_tokens:
-            banned = tuple(self.eos_ids) + tuple(p.stop_token_ids)
+            banned += tuple(self.eos_ids) + tuple(p.stop_token_ids)
         plp = None
         next_ids = ()
         if p.prompt_logprobs is not None and seq.index == 0 and sch.start < seq.num_prompt_tokens - 1:

@@ -1,6 +1,6 @@
 """Guided decoding (structured output) on the host, with llguidance.
 
-A request's :class:`~serving.engine.types.GuideSpec` (JSON schema, regex,
+A request's :class:`GuideSpec` (JSON schema, regex,
 choice list or Lark/GBNF grammar) becomes an llguidance grammar string once
 (``grammar_of``, cached by spec). Each sequence of the request gets its own
 :class:`GuideMatcher`; every step the engine asks it for the packed bitmask of
@@ -17,6 +17,7 @@ No jax import here: this runs on the engine thread beside the scheduler.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -25,11 +26,33 @@ from typing import Iterable, Optional
 
 import numpy as np
 
-from serving.engine.types import GuideSpec, ValidationError
+from serving.engine.errors import ValidationError
 
 logger = logging.getLogger(__name__)
 
 _JSON_DEFAULTS = {"whitespace_flexible": False}  # compact JSON: small models loop on whitespace
+
+
+@dataclasses.dataclass(frozen=True)
+class GuideSpec:
+    """A structured-output constraint (guided decoding), compiled by this module.
+
+    Attributes:
+        kind: ``"json"`` (a JSON schema), ``"regex"``, ``"choice"`` (a JSON
+            list of strings) or ``"grammar"`` (Lark or GBNF/EBNF).
+        spec: the schema, pattern, choice list or grammar, as a string.
+        param: the request parameter it came from, named in 400 errors
+            (``guided_json``, ``response_format``, ``sampling_params.regex``...).
+        whitespace_pattern: for ``"json"``: a regex for the whitespace between
+            tokens (vLLM's ``guided_whitespace_pattern``); None: compact JSON.
+    """
+
+    kind: str
+    spec: str
+    param: str = "guided_decoding"
+    whitespace_pattern: Optional[str] = None
+
+    KINDS = ("json", "regex", "choice", "grammar")
 
 
 def _error(spec: GuideSpec, what: str, detail: str) -> ValidationError:

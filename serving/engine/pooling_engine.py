@@ -1,9 +1,12 @@
 """The pooling engine: embedding, cross-encoder and classifier models behind the HTTP app.
 
-It has the surface the app reads from the generation engine (``is_ready``,
-``tokenizer``, ``model_config``, ``max_model_len``, ``model_path``, ``stats``,
-``start``/``shutdown``, ``add_request`` -- which refuses) plus coroutines
-``embed``, ``score``, ``classify`` and ``token_embeddings``.
+It implements ``serving.engine.protocol.EngineClient`` for the tasks
+"embed", "score" and "classify": coroutines ``embed``, ``score``,
+``classify`` and ``token_embeddings``, plus the members every engine has
+(``is_ready``, ``tokenizer``, ``model_config``, ``max_model_len``,
+``model_path``, ``hf_config``, ``stats``, ``start``/``shutdown``,
+``health_check``). Generation, sleep and weight updates raise
+``UnsupportedOperationError``.
 
 Requests are queued; a worker thread drains the queue, runs every queued job
 of one kind as a single call into ``model.encoder_loader`` (length-sorted,
@@ -29,12 +32,13 @@ from typing import Any, Optional
 
 import numpy as np
 
+from serving.engine.errors import EngineNotReadyError, UnsupportedOperationError
 from serving.engine.loop_thread import LoopThread
+from serving.engine.types import SamplingParams
 
 logger = logging.getLogger(__name__)
 
 ENCODER_TYPES = ("bert", "roberta", "xlm-roberta", "distilbert", "camembert", "electra")
-TASKS = ("auto", "generate", "embed", "embedding", "score", "classify", "reward")
 
 
 def _hf_config(path: Optional[str]) -> dict:
@@ -130,6 +134,11 @@ class PoolingEngine(LoopThread):
         self._last_step = 0.0
 
     # ---- the surface the HTTP app reads ---------------------------------------------
+    @property
+    def normalize(self) -> bool:
+        """Whether ``embed`` L2-normalises by default (the model's pooling config)."""
+        return bool(self.loaded.pooling.normalize)
+
     def is_ready(self) -> bool:
         return self._ready
 
@@ -141,12 +150,36 @@ class PoolingEngine(LoopThread):
         self._start_loop("pooling-loop")
         await self.health_check()
 
-    def add_request(self, *args, **kwargs):
-        raise ValueError(f"This server runs a pooling model ({self.task}: {self.model_path}); "
-                         "text generation is not available.")
+    def _unsupported(self, what: str) -> UnsupportedOperationError:
+        return UnsupportedOperationError(f"This server runs a pooling model ({self.task}: "
+                                         f"{self.model_path}); {what} is not available.")
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int],
+                    params: SamplingParams):
+        raise self._unsupported("text generation")
 
     def abort(self, request_id: str) -> None:
         """Pooling jobs are short; nothing to abort."""
+
+    def flush_cache(self) -> bool:
+        """Nothing cached between requests: always succeeds."""
+        return True
+
+    def sleep(self, level: int = 1) -> None:
+        raise self._unsupported("sleep mode")
+
+    def wake_up(self) -> None:
+        raise self._unsupported("sleep mode")
+
+    def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
+        raise self._unsupported("updating weights")
+
+    def update_weights_from_tensors(self, tensors: dict, finished: bool = True
+                                    ) -> tuple[bool, str]:
+        raise self._unsupported("updating weights")
+
+    def drop_staged_weights(self) -> None:
+        raise self._unsupported("updating weights")
 
     def stats(self) -> dict:
         c = self._counters
@@ -160,8 +193,10 @@ class PoolingEngine(LoopThread):
     # ---- requests ----------------------------------------------------------------
     async def _submit(self, op: str, inputs: list, options: tuple = ()):
         if not self._ready:
-            from serving.engine.types import EngineNotReadyError
             raise EngineNotReadyError("the pooling engine is not running")
+        if self.is_decoder and op != "embed" and inputs:
+            raise self._unsupported(f"{op} (it needs an encoder; this decoder is served "
+                                    "for embeddings, last-token pooling)")
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
         self._queue.append(_Job(op, list(inputs), options, fut, loop))
@@ -226,9 +261,6 @@ class PoolingEngine(LoopThread):
         inputs = [x for job in jobs for x in job.inputs]
         t0 = time.perf_counter()
         try:
-            if self.is_decoder and op != "embed" and inputs:
-                raise ValueError(f"{op} needs an encoder model; {self.model_path} is a decoder "
-                                 "served for embeddings (last-token pooling)")
             if not inputs:
                 results: Any = []
             elif op == "embed" and self.is_decoder:

@@ -34,8 +34,12 @@ class EngineCore(Protocol):
     Attributes:
         config: the EngineConfig.
         tokenizer, model_config, max_model_len, model_path: of the loaded model.
+        hf_config: the checkpoint's Hugging Face config as a dict ({} if none).
         replicas: the ``LLMEngine`` replicas behind it (itself for one), for
-            the admin operations that touch device state (sleep, weight swaps).
+            the admin operations that touch device state: each has ``state``
+            (its weights, owned by its runner), ``read_checkpoint(path)``,
+            ``place(host_state)``, ``swap_state(state, model_path)``,
+            ``release()`` and ``restore(host_state)``.
     """
 
     config: Any
@@ -43,6 +47,7 @@ class EngineCore(Protocol):
     model_config: Any
     max_model_len: int
     model_path: str
+    hf_config: dict
 
     @property
     def replicas(self) -> Sequence[Any]: ...
@@ -59,7 +64,10 @@ class EngineCore(Protocol):
         """Aborts a request (any thread); its pages are freed at the next step."""
 
     def num_queued(self) -> int:
-        """Requests submitted or waiting but not yet running (load shedding)."""
+        """Sequences submitted or waiting but not yet running (load shedding)."""
+
+    def num_running(self) -> int:
+        """Sequences running (holding KV pages)."""
 
     def has_work(self) -> bool: ...
 
@@ -137,19 +145,32 @@ class EngineClient(Protocol):
 
     def count_tokens(self, inputs: list, pairs: bool = False) -> list[int]: ...
 
-    # ---- admin
+    # ---- admin (a pooling engine raises UnsupportedOperationError for sleep,
+    # wake-up and weight updates)
     async def health_check(self) -> None:
-        """Runs one tiny request end to end (raises on failure)."""
+        """Runs one tiny request end to end (generation: one greedy token).
 
-    def flush_cache(self) -> bool: ...
+        Raises:
+            EngineNotReadyError, RequestFailedError (or the error the request hit).
+        """
 
-    def sleep(self, level: int = 1) -> None: ...
+    def flush_cache(self) -> bool:
+        """Drops cached state (the prefix cache); False while requests run."""
+
+    def sleep(self, level: int = 1) -> None:
+        """Frees device memory (level 1 keeps a host copy of the weights).
+
+        Raises:
+            RuntimeError: requests are running (retry later; not an EngineError).
+        """
 
     def wake_up(self) -> None: ...
 
-    def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]: ...
+    def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
+        """``(success, message)``; on failure the old weights keep serving."""
 
     def update_weights_from_tensors(self, tensors: dict, finished: bool = True
-                                    ) -> tuple[bool, str]: ...
+                                    ) -> tuple[bool, str]:
+        """Stages Hugging Face-named tensors; swaps them in when ``finished``."""
 
     def drop_staged_weights(self) -> None: ...

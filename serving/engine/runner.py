@@ -9,7 +9,6 @@ of several tokens. Each call runs a jitted program for a bucketed shape
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import time
 from functools import partial
@@ -23,7 +22,7 @@ from model import api as model_api
 from model.attention import AttentionMetadata, KVCache
 from serving.engine.buckets import BucketPlan, round_up
 from serving.engine.guided import bitmask_table
-from serving.engine.sequence import PENDING_TOKEN
+from serving.engine.pipeline import StepHandle, device_input_ids
 from serving.engine.sampling import SampleResult, SamplingTensors, prompt_logprobs, sample
 from serving.engine.types import SamplingParams
 from sharding.step import jit_step, zeros_sharded
@@ -170,11 +169,7 @@ class ModelRunner:
                 np.zeros((num_seqs,), np.int32), st)
 
     # ---- execution --------------------------------------------------------
-    def execute(self, items: list[StepItem]) -> dict[int, ItemResult]:
-        """Runs one engine step and waits for it; returns results keyed by seq_id."""
-        return self.collect(self.launch(items))
-
-    def launch(self, items: list[StepItem], prev: Optional["StepHandle"] = None) -> "StepHandle":
+    def launch(self, items: list[StepItem], prev: Optional[StepHandle] = None) -> StepHandle:
         """Dispatches one engine step without waiting for the device.
 
         Items whose last token is ``PENDING_TOKEN`` take it from ``prev`` (the
@@ -195,31 +190,12 @@ class ModelRunner:
         single = decode and len(decode) <= self.plan.decode_seqs[-1]
         return StepHandle(calls, calls[0] if single else None)
 
-    def collect(self, handle: "StepHandle") -> dict[int, ItemResult]:
+    def collect(self, handle: StepHandle) -> dict[int, ItemResult]:
         """Waits for a launched step; returns results keyed by seq_id."""
         results: dict[int, ItemResult] = {}
         for chunk, out in handle.calls:
             results.update(self._collect(chunk, out))
         return results
-
-    def _input_ids(self, input_ids: np.ndarray, items: list[StepItem], prev):
-        """Host ids, or a device array with the pending tokens gathered from ``prev``."""
-        pending = np.flatnonzero(input_ids == PENDING_TOKEN)
-        if pending.size == 0:
-            # A device array either way: numpy and jax arguments are different
-            # jit cache entries, and precompile warms the jax one.
-            return jnp.asarray(input_ids)
-        if prev is None:
-            raise ValueError("a pending token needs the previous step's output")
-        src = np.full(input_ids.shape, -1, np.int32)
-        row_of = {}
-        cursor = 0
-        for it in items:
-            cursor += len(it.token_ids)
-            row_of[cursor - 1] = it.seq_id  # only a sequence's last token can be pending
-        for pos in pending:
-            src[pos] = prev.decode_rows[row_of[int(pos)]]
-        return _fill_pending(input_ids, src, prev.decode_tokens)
 
     def _launch(self, items: list[StepItem], decode: bool, prev=None):
         ps = self.page_size
@@ -258,7 +234,7 @@ class ModelRunner:
             slot_mapping=slots, max_q_len=1 if decode else num_tokens,
             attention_backend=self.attention_backend)
         st = self._sampling_tensors(items, num_seqs)
-        input_ids = self._input_ids(input_ids, items, prev)
+        input_ids = device_input_ids(input_ids, items, prev)
         plp = [it for it in items if it.prompt_logprobs is not None]
         if plp:
             next_ids = np.zeros((num_tokens,), np.int32)
@@ -356,39 +332,6 @@ class ModelRunner:
                 r.prompt_lp = tuple(a[:n] for a in plp_host)
             results[it.seq_id] = r
         return results
-
-
-@dataclasses.dataclass
-class StepHandle:
-    """A launched step: ``(items, device outputs)`` per compiled call, not yet read."""
-
-    calls: list
-    decode: Optional[tuple] = None  # (items, device outputs) of the decode call
-
-    @property
-    def decode_tokens(self) -> jax.Array:
-        """[S] i32 device array of the decode call's sampled tokens."""
-        return self.decode[1][0].tokens
-
-    def feeds(self, seq_id: int) -> bool:
-        """Whether the next step can take this sequence's token from the device.
-
-        Only tokens of the decode call are fed forward, so the gather has one
-        input of a bucketed shape (a handful of tiny programs); a sequence
-        sampled by a prefill call waits one step for its first token.
-        """
-        return self.decode is not None and seq_id in self.decode_rows
-
-    @functools.cached_property
-    def decode_rows(self) -> dict[int, int]:
-        """seq_id -> row of ``decode_tokens``."""
-        return {it.seq_id: row for row, it in enumerate(self.decode[0])} if self.decode else {}
-
-
-@jax.jit
-def _fill_pending(input_ids, src, prev_tokens):
-    """input_ids [T] with ``src >= 0`` positions replaced by ``prev_tokens[src]``."""
-    return jnp.where(src >= 0, prev_tokens[jnp.clip(src, 0)], input_ids)
 
 
 def _default_sampling(num_seqs: int, vocab: int) -> SamplingTensors:

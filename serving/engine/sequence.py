@@ -19,8 +19,6 @@ from serving.engine.types import FinishReason, SamplingParams
 
 _seq_counter = itertools.count()
 
-PENDING_TOKEN = -1  # a sampled token still on the device (async scheduling)
-
 
 class SequenceStatus(enum.Enum):
     """Where a sequence is in its life."""
@@ -101,21 +99,14 @@ class Sequence:
     def append_token(self, token_id: int) -> None:
         """Appends a sampled token; its KV is computed by the next step.
 
-        ``PENDING_TOKEN`` stands for a token the device has sampled but the
-        host has not read yet: the next step is scheduled with it (its input
-        is taken from the previous step's device output) and
-        :meth:`resolve_pending` fills in the real id once it arrives.
+        With async scheduling the token may be ``pipeline.PENDING_TOKEN``, a
+        placeholder for one still on the device (see ``serving.engine.pipeline``).
         """
         self.output_token_ids.append(token_id)
         self._all_token_ids.append(token_id)
 
-    @property
-    def has_pending_token(self) -> bool:
-        return bool(self.output_token_ids) and self.output_token_ids[-1] == PENDING_TOKEN
-
-    def resolve_pending(self, token_id: int) -> None:
-        """Replaces the trailing ``PENDING_TOKEN`` with the sampled id."""
-        assert self.has_pending_token, f"{self} has no pending token"
+    def set_last_token(self, token_id: int) -> None:
+        """Overwrites the last token (a pending placeholder becomes the sampled id)."""
         self.output_token_ids[-1] = token_id
         self._all_token_ids[-1] = token_id
 

@@ -1,6 +1,8 @@
 """Request-level types shared by the scheduler, the engine and the HTTP layer.
 
-No jax import here: the scheduler and the server read these on the host.
+No jax import here: the scheduler and the server read these on the host. The
+error types live in ``serving.engine.errors``; ``GuideSpec`` (a request's
+structured-output constraint) lives with its compiler in ``serving.engine.guided``.
 """
 
 from __future__ import annotations
@@ -8,6 +10,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 from typing import Optional
+
+from serving.engine.errors import ValidationError
+from serving.engine.guided import GuideSpec, check_guide
 
 
 class FinishReason(str, enum.Enum):
@@ -17,35 +22,12 @@ class FinishReason(str, enum.Enum):
     ERROR = "error"  # failed inside the engine; only this request ends
 
 
-@dataclasses.dataclass(frozen=True)
-class GuideSpec:
-    """A structured-output constraint (guided decoding), compiled by ``engine.guided``.
-
-    Attributes:
-        kind: ``"json"`` (a JSON schema), ``"regex"``, ``"choice"`` (a JSON
-            list of strings) or ``"grammar"`` (Lark or GBNF/EBNF).
-        spec: the schema, pattern, choice list or grammar, as a string.
-        param: the request parameter it came from, named in 400 errors
-            (``guided_json``, ``response_format``, ``sampling_params.regex``...).
-        whitespace_pattern: for ``"json"``: a regex for the whitespace between
-            tokens (vLLM's ``guided_whitespace_pattern``); None: compact JSON.
-    """
-
-    kind: str
-    spec: str
-    param: str = "guided_decoding"
-    whitespace_pattern: Optional[str] = None
-
-    KINDS = ("json", "regex", "choice", "grammar")
-
-
 @dataclasses.dataclass
 class SamplingParams:
     """Per-request sampling settings, named as vLLM names them.
 
-    ``__post_init__`` validates every field and raises ``ValueError`` whose
-    message starts with the parameter name (the server turns it into a 400 with
-    ``param`` set).
+    ``__post_init__`` validates every field and raises ``ValidationError`` (a
+    ``ValueError``) naming the parameter in ``param`` (the server answers 400).
     """
 
     n: int = 1
@@ -68,6 +50,9 @@ class SamplingParams:
     prompt_logprobs: Optional[int] = None
     logit_bias: dict[int, float] = dataclasses.field(default_factory=dict)
     allowed_token_ids: Optional[list[int]] = None
+    # vLLM's bad_words as token-id sequences: the last id of each is banned
+    # wherever the ones before it were just generated (serving.api.request_mapping)
+    bad_words_ids: list[list[int]] = dataclasses.field(default_factory=list)
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     guide: Optional[GuideSpec] = None  # structured output (guided decoding)
@@ -121,8 +106,7 @@ class SamplingParams:
             _check(len(self.allowed_token_ids) > 0, "allowed_token_ids",
                    "allowed_token_ids must not be empty")
         if self.guide is not None:
-            from serving.engine.guided import check_guide  # llguidance only when used
-            check_guide(self.guide)
+            check_guide(self.guide)  # imports llguidance on first use
 
     def needs_sync(self) -> bool:
         """Whether each step's sampling needs the previous step's token on the host.
@@ -133,28 +117,33 @@ class SamplingParams:
         step N+1 before step N's tokens are back.
         """
         return (self.guide is not None or self.repetition_penalty != 1.0
+                or any(len(w) > 1 for w in self.bad_words_ids)
                 or self.frequency_penalty != 0.0 or self.presence_penalty != 0.0)
+
+    def bad_word_bans(self, output_token_ids: list[int]) -> list[int]:
+        """The ids ``bad_words_ids`` ban at the next position (vLLM's rule): a
+        word's last id wherever the generated tokens end with the rest of it."""
+        bans = []
+        for word in self.bad_words_ids:
+            head = word[:-1]
+            if not head or (len(output_token_ids) >= len(head)
+                            and list(output_token_ids[len(output_token_ids) - len(head):]) == head):
+                bans.append(word[-1])
+        return bans
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
 
     def validate_vocab(self, vocab_size: int) -> None:
-        """Checks token ids against the model's vocabulary (raises ValueError)."""
+        """Checks token ids against the model's vocabulary (raises ValidationError)."""
         for name, ids in (("logit_bias", self.logit_bias.keys()),
                           ("allowed_token_ids", self.allowed_token_ids or []),
+                          ("bad_words", [t for w in self.bad_words_ids for t in w]),
                           ("stop_token_ids", self.stop_token_ids)):
             bad = [t for t in ids if not 0 <= int(t) < vocab_size]
             _check(not bad, name, f"{name} contains out-of-vocab token ids {bad[:5]} "
                                   f"(vocab size {vocab_size})")
-
-
-class ValidationError(ValueError):
-    """A bad request parameter; ``param`` names it."""
-
-    def __init__(self, param: str, message: str):
-        super().__init__(message)
-        self.param = param
 
 
 def _check(cond: bool, param: str, message: str) -> None:
@@ -226,11 +215,3 @@ class RequestOutput:
     @property
     def num_generated_tokens(self) -> int:
         return sum(len(o.token_ids) for o in self.outputs)
-
-
-class EngineOverloadedError(RuntimeError):
-    """Too many waiting requests (the HTTP layer answers 503)."""
-
-
-class EngineNotReadyError(RuntimeError):
-    """The engine is starting, sleeping or shut down (503)."""

@@ -9,7 +9,8 @@ import pytest
 from model.generate import greedy_generate
 from serving.engine.config import EngineConfig
 from serving.engine.engine import LLMEngine
-from serving.engine.types import SamplingParams, ValidationError
+from serving.engine.errors import ValidationError
+from serving.engine.types import SamplingParams
 from tests.model.tiny_hf import save_hf_model
 
 

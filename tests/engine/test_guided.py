@@ -10,9 +10,10 @@ import re
 import numpy as np
 import pytest
 
-from serving.engine.guided import (GuideCompiler, bitmask_table, check_guide,
+from serving.engine.errors import ValidationError
+from serving.engine.guided import (GuideCompiler, GuideSpec, bitmask_table, check_guide,
                                    spec_from_json_value)
-from serving.engine.types import GuideSpec, SamplingParams, ValidationError
+from serving.engine.types import SamplingParams
 
 SCHEMA = {"type": "object",
           "properties": {"name": {"type": "string", "maxLength": 8},

@@ -1,31 +1,30 @@
-"""A small stand-in with the AsyncEngine interface, for fast tests of the HTTP layer.
+"""A small stand-in for ``AsyncEngine``, for fast tests of the HTTP layer.
 
-It "generates" a deterministic token sequence from the prompt (and the seed
-when sampling), honours max_tokens, n, logprobs, stop strings and abort, and
-counts KV pages like the real engine so leak tests mean something.
+It implements ``serving.engine.protocol.EngineClient`` (task "generate") and
+raises the errors of ``serving.engine.errors``, so the app's error mapping
+sees what a real engine raises. It "generates" a deterministic token
+sequence from the prompt (and the seed when sampling), honours max_tokens, n,
+logprobs, stop strings and abort, and counts KV pages like the real engine so
+leak tests mean something. Sleep toggles a flag; weight updates are refused
+(there are no weights).
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import math
 import types
 from typing import Optional
 
+from serving.engine.errors import (EngineNotReadyError, RequestFailedError,
+                                   UnsupportedOperationError, ValidationError)
 from serving.engine.types import (CompletionOutput, Logprob, RequestMetrics, RequestOutput,
-                                  SamplingParams, ValidationError)
-
-
-class EngineOverloadedError(RuntimeError):
-    pass
-
-
-class EngineNotReadyError(RuntimeError):
-    pass
+                                  SamplingParams)
 
 
 class FakeEngine:
-    """AsyncEngine's interface over a toy token generator.
+    """``EngineClient`` over a toy token generator.
 
     Args:
         tokenizer: a transformers tokenizer.
@@ -35,6 +34,7 @@ class FakeEngine:
     """
 
     PAGE = 16
+    task = "generate"
 
     def __init__(self, tokenizer, max_model_len: int = 512, num_pages: int = 256,
                  step_delay: float = 0.002):
@@ -43,7 +43,13 @@ class FakeEngine:
         self.model_path = "fake/model"
         self.model_config = types.SimpleNamespace(vocab_size=len(tokenizer), model_type="llama",
                                                   architecture="LlamaForCausalLM")
+        self.config = None  # no EngineConfig: /get_server_info reports the server's only
+        self.hf_config: dict = {}
+        self.id2label: dict = {}
+        self.normalize = False
         self._ready = True
+        self._sleeping = False
+        self._health_ids = itertools.count()
         self._num_pages = num_pages
         self._held: dict[str, int] = {}
         self._aborted: set[str] = set()
@@ -52,8 +58,14 @@ class FakeEngine:
         self.step_delay = step_delay
         self.aborted_ids: list[str] = []
 
+    async def start(self) -> None:
+        self._ready = True
+
     def is_ready(self) -> bool:
-        return self._ready
+        return self._ready and not self._sleeping
+
+    def is_sleeping(self) -> bool:
+        return self._sleeping
 
     def stats(self) -> dict:
         used = sum(self._held.values())
@@ -69,8 +81,9 @@ class FakeEngine:
         self._held.pop(request_id, None)
 
     def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams):
-        if not self._ready:
-            raise EngineNotReadyError("not ready")
+        if not self.is_ready():
+            raise EngineNotReadyError("The engine is not ready" +
+                                      (" (sleeping)" if self._sleeping else ""))
         total = len(prompt_token_ids) + (params.max_tokens or 0)
         if len(prompt_token_ids) >= self.max_model_len or total > self.max_model_len:
             raise ValidationError("prompt", f"prompt of {len(prompt_token_ids)} tokens and "
@@ -131,8 +144,68 @@ class FakeEngine:
         finally:
             self._held.pop(rid, None)
 
+    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
+                       request_id: str):
+        """Like ``AsyncEngine.generate``: yields snapshots; aborts if the caller stops early."""
+        stream = self.add_request(request_id, prompt_token_ids, params)
+        try:
+            async for out in stream:
+                yield out
+        finally:
+            if request_id in self._held:
+                self.abort(request_id)
+
+    async def health_check(self) -> None:
+        last = None
+        async for out in self.generate([1], SamplingParams(max_tokens=1, temperature=0.0),
+                                       f"health-check-{next(self._health_ids)}"):
+            last = out
+        if last is None or not last.outputs[0].token_ids:
+            raise RequestFailedError("health check failed: no token generated")
+
     def flush_cache(self) -> bool:
         return True
+
+    def sleep(self, level: int = 1) -> None:
+        if self._held:
+            raise RuntimeError(f"cannot sleep while {len(self._held)} requests run")
+        self._sleeping = True
+
+    def wake_up(self) -> None:
+        self._sleeping = False
+
+    def _no_weights(self) -> UnsupportedOperationError:
+        return UnsupportedOperationError("FakeEngine has no weights to update.")
+
+    def update_weights_from_disk(self, model_path: str) -> tuple[bool, str]:
+        raise self._no_weights()
+
+    def update_weights_from_tensors(self, tensors: dict, finished: bool = True
+                                    ) -> tuple[bool, str]:
+        raise self._no_weights()
+
+    def drop_staged_weights(self) -> None:
+        """Nothing is ever staged."""
+
+    # ---- pooling: a generation engine serves none
+    def _no_pooling(self) -> UnsupportedOperationError:
+        return UnsupportedOperationError(f"This server runs a generation model "
+                                         f"({self.model_path}); pooling is not available.")
+
+    async def embed(self, inputs: list, normalize: Optional[bool] = None):
+        raise self._no_pooling()
+
+    async def score(self, pairs: list):
+        raise self._no_pooling()
+
+    async def classify(self, inputs: list):
+        raise self._no_pooling()
+
+    async def token_embeddings(self, inputs: list, normalize: bool = False) -> list:
+        raise self._no_pooling()
+
+    def count_tokens(self, inputs: list, pairs: bool = False) -> list[int]:
+        raise self._no_pooling()
 
     async def shutdown(self) -> None:
         self._ready = False

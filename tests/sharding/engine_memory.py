@@ -27,8 +27,8 @@ def measure(model, tp: int, dp: int) -> dict:
                           compile_cache_dir=None, decode_buckets=(4,), prefill_buckets=(16,),
                           tensor_parallel_size=tp, data_parallel_size=dp)
     engine = build_engine(config)
-    first = getattr(engine, "engines", [engine])[0]
-    return {"tp": tp, "dp": dp, "weight_bytes": max_bytes_per_device(first.runner.state),
+    first = engine.replicas[0]
+    return {"tp": tp, "dp": dp, "weight_bytes": max_bytes_per_device(first.state),
             "kv_bytes": max_bytes_per_device(first.runner.kv)}
 
 
