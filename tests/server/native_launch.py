@@ -21,8 +21,21 @@ def launch(args: list[str]):
 
 
 def assert_json_error(resp: httpx.Response, lo: int = 400, hi: int = 499) -> dict:
-    """The response is a 4xx (by default) with an OpenAI-shaped JSON error body."""
+    """The response is a 4xx (by default) with a JSON error body in one of the
+    upstream shapes: OpenAI's ``{"error": {...}}``, LMDeploy's flat
+    ``{"object": "error", ...}`` or RTP-LLM's ``{"error_code", "message"}``.
+    Returns the error's fields (``message`` always)."""
     assert lo <= resp.status_code <= hi, (resp.status_code, resp.text)
     body = resp.json()
-    assert set(body["error"]) >= {"message", "type", "code"}, body
-    return body["error"]
+    if "error" in body:
+        err = body["error"]
+        assert set(err) >= {"message", "type", "code"}, body
+    elif body.get("object") == "error":
+        err = body
+        assert set(err) >= {"message", "type", "code", "param"} and err["code"] == \
+            resp.status_code, body
+    else:
+        err = body
+        assert set(err) == {"error_code", "error_code_str", "message"}, body
+        assert err["error_code_str"].startswith(str(err["error_code"])), body
+    return err

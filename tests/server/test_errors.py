@@ -88,7 +88,7 @@ CASES = [
     ("stream_options wrong type", "POST", C, {"prompt": "x", "stream_options": 5}, 400,
      "stream_options"),
     ("empty messages", "POST", CH, {"messages": []}, 400, "messages"),
-    ("messages not a list", "POST", CH, {"messages": "hi"}, 400, "messages"),
+    ("messages not a list", "POST", CH, {"messages": 5}, 400, "messages"),
     ("message without role", "POST", CH, {"messages": [{"content": "hi"}]}, 400, "messages"),
     ("image part", "POST", CH, {"messages": [{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}]}, 400, "messages"),
