@@ -38,14 +38,13 @@ class Attention(nnx.Module):
         self.sliding_window = c.layer_sliding_window(layer)
         self.soft_cap = c.attn_logit_softcapping
         self.rope_theta, self.rope_scaling = c.layer_rope(layer)
-        q_dim, kv_dim = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
-        self.q_proj = Linear(c.hidden_size, q_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(c.hidden_size, kv_dim, use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
-        self.o_proj = Linear(q_dim, c.hidden_size, use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
-        # q|k|v in one [hidden, q_dim + 2 * kv_dim] Linear, set by model/quant.py
-        # for the CPU int8 kernels.
-        self.qkv = nnx.data(None)
+        self.group = c.num_heads // c.num_kv_heads  # q heads per KV head
+        # q|k|v in one matmul, grouped by KV head: [hidden, Hkv, group + 2, D]
+        # (model/fusion.py), so tensor parallelism can split the Hkv axis.
+        self.qkv_proj = Linear(c.hidden_size, (c.num_kv_heads, self.group + 2, c.head_dim),
+                               use_bias=c.attention_bias, dtype=dtype, rngs=rngs)
+        self.o_proj = Linear(c.num_heads * c.head_dim, c.hidden_size,
+                             use_bias=c.attention_out_bias, dtype=dtype, rngs=rngs)
         if c.qk_norm:
             self.q_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
             self.k_norm = RMSNorm(c.head_dim, eps=c.rms_norm_eps, gemma=c.is_gemma, dtype=dtype)
@@ -61,15 +60,10 @@ class Attention(nnx.Module):
         layers with the same frequencies.
         """
         num_tokens = x.shape[0]
-        if self.qkv is not None:
-            q_dim, kv_dim = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
-            h = self.qkv(x)  # [T, q_dim + 2 * kv_dim]
-            q, k, v = h[:, :q_dim], h[:, q_dim:q_dim + kv_dim], h[:, q_dim + kv_dim:]
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
-        q = q.reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
-        k = k.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
-        v = v.reshape(num_tokens, self.num_kv_heads, self.head_dim)  # [T, Hkv, D]
+        h = self.qkv_proj(x)  # [T, Hkv, group + 2, D]
+        # KV head g's group holds q heads g * group ... (g + 1) * group - 1, as in HF.
+        q = h[:, :, :self.group].reshape(num_tokens, self.num_heads, self.head_dim)  # [T, Hq, D]
+        k, v = h[:, :, self.group], h[:, :, self.group + 1]  # [T, Hkv, D] each
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         inv_freq = rope_inv_freq(self.head_dim, self.rope_theta, self.rope_scaling)

@@ -1,7 +1,9 @@
 """Building blocks of the decoder: linear, embedding, RMSNorm, RoPE, gated MLP.
 
-Weights are stored as the math uses them: a linear kernel is ``[in, out]``
-(Hugging Face stores ``[out, in]``; ``model/weights.py`` transposes).
+Float only: ``model/quant.py`` swaps ``Linear`` and ``Embedding`` for int8
+modules after loading. Weights are stored as the math uses them: a linear
+kernel is ``[in, *out]`` (Hugging Face stores ``[out, in]``;
+``model/weights.py`` transposes, ``model/fusion.py`` fuses q|k|v and gate|up).
 """
 
 from __future__ import annotations
@@ -15,54 +17,50 @@ import numpy as np
 from flax import nnx
 
 from model.config import RopeScaling
-from model.quant import int8_matmul
-from pallas_kernels.cpu.int8 import int8_matmul_cpu, int8_weight_matmul_cpu
 
 _INIT = nnx.initializers.normal(0.02)
 
 
-def _matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
-    """``x @ w`` accumulated in float32.
+def _contract_last(x: jax.Array, w: jax.Array, **kwargs) -> jax.Array:
+    """``x [..., K]`` against ``w [K, *out]`` -> ``[..., *out]`` (one GEMM)."""
+    return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())), **kwargs)
+
+
+def matmul(x: jax.Array, w: jax.Array, out_dtype=None) -> jax.Array:
+    """``x [..., K] @ w [K, *out] -> [..., *out]`` accumulated in float32.
 
     With bfloat16 operands, asking XLA for a float32 result selects the fast
     bf16 GEMM with float32 accumulation (about 1.75x float32 on these CPUs;
     a plain bf16-output dot takes a slow path); the result is cast back.
     """
     if w.dtype == jnp.float32 and x.dtype == jnp.float32:
-        return x @ w
+        return _contract_last(x, w)
     out_dtype = out_dtype or x.dtype
     x = x.astype(w.dtype)  # bf16 weights under f32 activations: a bf16 GEMM
     if math.prod(x.shape[:-1]) == 1:
         # A one-row bf16 product takes XLA CPU's slow GEMV path (~15x slower
         # than two rows for SmolLM2's lm_head); compute two rows, keep one.
         x2 = jnp.concatenate([x.reshape(1, -1), jnp.zeros((1, x.shape[-1]), x.dtype)])
-        y = jnp.matmul(x2, w, preferred_element_type=jnp.float32)[:1]
-        return y.reshape(*x.shape[:-1], w.shape[-1]).astype(out_dtype)
-    y = jnp.matmul(x, w, preferred_element_type=jnp.float32)
-    return y.astype(out_dtype)
+        y = _contract_last(x2, w, preferred_element_type=jnp.float32)[:1]
+        return y.reshape(*x.shape[:-1], *w.shape[1:]).astype(out_dtype)
+    return _contract_last(x, w, preferred_element_type=jnp.float32).astype(out_dtype)
 
 
 class Linear(nnx.Module):
-    """``y = x @ kernel (+ bias)`` with ``kernel: [in_features, out_features]``."""
+    """``y = x @ kernel (+ bias)`` with ``kernel: [in_features, *out_shape]``.
 
-    def __init__(self, in_features: int, out_features: int, *, use_bias: bool,
-                 dtype, rngs: nnx.Rngs):
-        self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, out_features), dtype))
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
-        self.scale = nnx.data(None)  # [out_features] f32 once quantized to int8 (model/quant.py)
-        self.colsum = nnx.data(None)  # int32 column sums once packed for the CPU int8 kernel
-        self.weight_only = False  # int8 kernel with float activations (model/quant.py)
+    ``out_features`` is an int or a shape: fused projections keep their parts
+    on axes of their own (``model/fusion.py``), so ``y`` is ``[..., *out_shape]``.
+    """
+
+    def __init__(self, in_features: int, out_features: int | tuple[int, ...], *,
+                 use_bias: bool, dtype, rngs: nnx.Rngs):
+        out_shape = (out_features,) if isinstance(out_features, int) else tuple(out_features)
+        self.kernel = nnx.Param(_INIT(rngs.params(), (in_features, *out_shape), dtype))
+        self.bias = nnx.Param(jnp.zeros(out_shape, dtype)) if use_bias else None
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        if self.colsum is not None:  # kernel packed: [out/16, in/4, 64] int8
-            y = int8_matmul_cpu(x, self.kernel[...], self.colsum[...],
-                                self.scale[...]).astype(x.dtype)
-        elif self.weight_only:  # kernel [in, out padded to 16] int8
-            y = int8_weight_matmul_cpu(x, self.kernel[...], self.scale[...]).astype(x.dtype)
-        elif self.scale is not None:
-            y = int8_matmul(x, self.kernel[...], self.scale[...])
-        else:
-            y = _matmul(x, self.kernel[...])  # [..., out_features]
+        y = matmul(x, self.kernel[...])  # [..., *out_shape]
         if self.bias is not None:
             y = y + self.bias[...]
         return y
@@ -73,26 +71,13 @@ class Embedding(nnx.Module):
 
     def __init__(self, vocab_size: int, hidden_size: int, *, dtype, rngs: nnx.Rngs):
         self.embedding = nnx.Param(_INIT(rngs.params(), (vocab_size, hidden_size), dtype))
-        self.scale = nnx.data(None)  # [vocab_size] f32 once quantized to int8 (model/quant.py)
-        self.packed = nnx.data(None)  # the int8 table packed for the CPU kernel (tied LM head)
-        self.colsum = nnx.data(None)
-        self.dtype = jnp.dtype(dtype)
 
     def __call__(self, ids: jax.Array) -> jax.Array:
-        rows = jnp.take(self.embedding[...], ids, axis=0)  # [T, hidden]
-        if self.scale is not None:
-            return (rows.astype(jnp.float32)
-                    * jnp.take(self.scale[...], ids)[:, None]).astype(self.dtype)
-        return rows
+        return jnp.take(self.embedding[...], ids, axis=0)  # [T, hidden]
 
     def attend(self, x: jax.Array) -> jax.Array:
-        """Tied output projection: ``[N, hidden] -> [N, vocab]``."""
-        if self.packed is not None:
-            return int8_matmul_cpu(x, self.packed[...], self.colsum[...], self.scale[...])
-        if self.scale is not None:
-            return int8_matmul(x, self.embedding[...], self.scale[...], transposed=True,
-                               out_dtype=jnp.float32)
-        return _matmul(x, self.embedding[...].T, out_dtype=jnp.float32)
+        """Tied output projection: ``[N, hidden] -> [N, vocab]`` float32."""
+        return matmul(x, self.embedding[...].T, out_dtype=jnp.float32)
 
 
 class RMSNorm(nnx.Module):
@@ -181,24 +166,18 @@ def activation(name: str):
 
 
 class MLP(nnx.Module):
-    """Gated MLP: ``down(act(gate(x)) * up(x))``."""
+    """Gated MLP: ``down(act(gate(x)) * up(x))`` with gate|up as one matmul."""
 
     def __init__(self, hidden_size: int, intermediate_size: int, *, hidden_act: str,
                  dtype, rngs: nnx.Rngs):
         self.hidden_act = hidden_act
-        self.intermediate_size = intermediate_size
-        self.gate_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(hidden_size, intermediate_size, use_bias=False, dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(intermediate_size, hidden_size, use_bias=False, dtype=dtype, rngs=rngs)
-        # [hidden, 2 * intermediate] gate|up in one Linear, set by model/quant.py
-        # for the CPU int8 kernel (one call, one activation quantization).
-        self.gate_up = nnx.data(None)
+        # [hidden, 2, intermediate]: gate at [:, 0], up at [:, 1] (model/fusion.py)
+        self.gate_up_proj = Linear(hidden_size, (2, intermediate_size), use_bias=False,
+                                   dtype=dtype, rngs=rngs)
+        self.down_proj = Linear(intermediate_size, hidden_size, use_bias=False, dtype=dtype,
+                                rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        act = activation(self.hidden_act)
-        if self.gate_up is not None:
-            h = self.gate_up(x)  # [T, 2 * intermediate]
-            gate, up = h[..., :self.intermediate_size], h[..., self.intermediate_size:]
-        else:
-            gate, up = self.gate_proj(x), self.up_proj(x)
-        return self.down_proj(act(gate) * up)  # [T, hidden]
+        h = self.gate_up_proj(x)  # [T, 2, intermediate]
+        gate, up = h[..., 0, :], h[..., 1, :]
+        return self.down_proj(activation(self.hidden_act)(gate) * up)  # [T, hidden]

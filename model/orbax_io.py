@@ -6,8 +6,9 @@ Layout of a converted folder (written by ``tools/convert_hf.py``)::
     OUT/tokenizer*.json  tokenizer files, chat template included
     OUT/orbax/           Orbax checkpoint of the nested pure dict of weights
 
-The weights are the nested dict ``nnx.to_pure_dict(state)`` gives for
-``DecoderLM`` (``{"layers": {0: {"self_attn": {"q_proj": {"kernel": ...}}}}}``).
+The weights are a nested dict in ``model/weights.py``'s checkpoint layout
+(``{"layers": {0: {"self_attn": {"q_proj": {"kernel": ...}}}}}``, q, k, v and
+gate, up apart; ``state_from_pure`` fuses them when loading).
 Leaves are stored as host numpy arrays so a checkpoint restores on any device
 set; integer layer keys come back as ints.
 """
@@ -35,8 +36,8 @@ def write_orbax(out_dir: str | os.PathLike, hf_config_dict: Mapping,
     Args:
         out_dir: destination folder (created if needed).
         hf_config_dict: Hugging Face style config dict, written as config.json.
-        pure_state_dict: nested dict of numpy or jax arrays
-            (``nnx.to_pure_dict(state)``).
+        pure_state_dict: nested checkpoint-layout dict of numpy or jax arrays
+            (``model.weights.pure_from_hf`` or ``checkpoint_from_state``).
 
     Returns:
         The checkpoint folder ``out_dir/orbax``.

@@ -1,10 +1,17 @@
 """Hugging Face tensor names <-> paths in the ``DecoderLM`` state (gpt-fast style).
 
-``WEIGHT_MAP`` is the whole conversion: each Hugging Face name (``{}`` = layer
-index) maps to a path in our state and whether the tensor is transposed
-(Hugging Face linears are ``[out, in]``; ours are ``[in, out]``). Entries that a
-config does not use (biases, q/k norms, Gemma's extra norms, ``lm_head`` when
-embeddings are tied) are dropped by ``hf_names``.
+``GLOBAL_WEIGHT_MAP`` / ``LAYER_WEIGHT_MAP`` are the whole conversion: each
+Hugging Face name (``{}`` = layer index) maps to a path in the *checkpoint
+layout* and whether the tensor is transposed (Hugging Face linears are
+``[out, in]``; ours are ``[in, out]``). Entries that a config does not use
+(biases, q/k norms, Gemma's extra norms, ``lm_head`` when embeddings are tied)
+are dropped by ``hf_names``.
+
+The checkpoint layout keeps q, k, v and gate, up apart (it is also what
+converted Orbax folders store); ``state_from_pure`` fuses them into the
+model's ``qkv_proj`` / ``gate_up_proj`` leaves (``model/fusion.py``) while
+placing the state, and ``apply_update`` writes a partial update (q alone, say)
+into its slice of the fused leaf.
 """
 
 from __future__ import annotations
@@ -18,13 +25,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from model import fusion
 from model.config import ModelConfig
 
 logger = logging.getLogger(__name__)
 
 Path = tuple  # e.g. ("layers", 3, "self_attn", "q_proj", "kernel")
 
-# hf name -> (our path with "{}" for the layer index, transpose)
+# hf name -> (checkpoint path under the model or a layer, transpose)
 GLOBAL_WEIGHT_MAP: dict[str, tuple[Path, bool]] = {
     "model.embed_tokens.weight": (("embed_tokens", "embedding"), False),
     "model.norm.weight": (("norm", "weight"), False),
@@ -87,6 +95,7 @@ class MissingWeightError(_NamesError):
 
 @functools.lru_cache(maxsize=16)
 def _flat_abstract(config: ModelConfig, dtype) -> dict[Path, jax.ShapeDtypeStruct]:
+    """The model's state leaves (fused layout): ``{path: ShapeDtypeStruct}``."""
     from model.api import abstract_model  # local: api imports the decoder
 
     _, abstract = abstract_model(config, dtype)
@@ -94,9 +103,16 @@ def _flat_abstract(config: ModelConfig, dtype) -> dict[Path, jax.ShapeDtypeStruc
             for p, v in nnx.to_flat_state(abstract)}
 
 
-def hf_names(config: ModelConfig, dtype="float32") -> dict[str, tuple[Path, bool]]:
-    """Every Hugging Face tensor name this config needs -> ``(our path, transpose)``."""
-    paths = _flat_abstract(config, str(jnp.dtype(dtype)))
+@functools.lru_cache(maxsize=16)
+def checkpoint_shapes(config: ModelConfig) -> dict[Path, tuple]:
+    """Every leaf of the checkpoint layout (q, k, v, gate, up apart) -> its shape."""
+    return fusion.checkpoint_shapes(
+        config, {p: tuple(v.shape) for p, v in _flat_abstract(config, "float32").items()})
+
+
+def hf_names(config: ModelConfig) -> dict[str, tuple[Path, bool]]:
+    """Every Hugging Face tensor name this config needs -> ``(checkpoint path, transpose)``."""
+    paths = checkpoint_shapes(config)
     names: dict[str, tuple[Path, bool]] = {}
     for hf, (path, transpose) in GLOBAL_WEIGHT_MAP.items():
         if path in paths:
@@ -107,7 +123,7 @@ def hf_names(config: ModelConfig, dtype="float32") -> dict[str, tuple[Path, bool
             if path in paths:
                 names[hf.format(i)] = (path, transpose)
     missing = set(paths) - {p for p, _ in names.values()}
-    assert not missing, f"state paths without a Hugging Face name: {sorted(missing)}"
+    assert not missing, f"checkpoint paths without a Hugging Face name: {sorted(missing)}"
     return names
 
 
@@ -116,7 +132,7 @@ def pure_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray]) -> dict
 
     Returns:
       ``{"layers": {0: {"self_attn": {"q_proj": {"kernel": array}}}}, ...}``
-      of numpy arrays (dtype unchanged), the layout of ``nnx.to_pure_dict``.
+      of numpy arrays (dtype unchanged) in the checkpoint layout (unfused).
 
     Raises:
       MissingWeightError: tensors the config needs are absent.
@@ -157,22 +173,24 @@ _SKIPPED_SUFFIXES = ("rotary_emb.inv_freq", "rotary_emb.cos_cached", "rotary_emb
 
 def paths_from_hf_update(config: ModelConfig, tensors: Mapping[str, np.ndarray]
                          ) -> dict[Path, np.ndarray]:
-    """Checks a partial set of Hugging Face tensors and maps them onto state paths.
+    """Checks a partial set of Hugging Face tensors and maps them onto checkpoint paths.
 
     For run-time weight updates: any subset of the model's tensors may come,
-    each under its Hugging Face name (``WEIGHT_MAP``), in the Hugging Face
-    layout (linears ``[out, in]``). ``lm_head.weight`` of a model with tied
-    embeddings and rotary caches are ignored.
+    each under its Hugging Face name (``LAYER_WEIGHT_MAP``), in the Hugging
+    Face layout (linears ``[out, in]``). ``lm_head.weight`` of a model with tied
+    embeddings and rotary caches are ignored. Write the result into a state
+    with ``apply_update`` (q, k, v, gate and up land in their slices of the
+    fused leaves).
 
     Returns:
-      ``{our path: numpy array in our layout}`` (dtype unchanged).
+      ``{checkpoint path: numpy array in our layout}`` (dtype unchanged).
 
     Raises:
       UnknownWeightError: a name the config has no parameter for.
       WeightShapeError: a tensor whose shape differs from the parameter's.
     """
     names = hf_names(config)
-    paths = _flat_abstract(config, "float32")
+    shapes = checkpoint_shapes(config)
     unknown = [n for n in tensors if n not in names and not n.endswith(_SKIPPED_SUFFIXES)
                and not (n == "lm_head.weight" and config.tie_word_embeddings)]
     if unknown:
@@ -182,7 +200,7 @@ def paths_from_hf_update(config: ModelConfig, tensors: Mapping[str, np.ndarray]
         if hf not in names:
             continue
         path, transpose = names[hf]
-        spec = tuple(paths[path].shape)
+        spec = shapes[path]
         expected = spec[::-1] if transpose else spec
         if tuple(array.shape) != expected:
             raise WeightShapeError(hf, expected, array.shape)
@@ -190,21 +208,86 @@ def paths_from_hf_update(config: ModelConfig, tensors: Mapping[str, np.ndarray]
     return out
 
 
+def apply_update(config: ModelConfig, state: nnx.State, updates: Mapping[Path, np.ndarray]
+                 ) -> nnx.State:
+    """A new state with ``updates`` (from ``paths_from_hf_update``) written in.
+
+    Whole leaves are replaced; a part of a fused leaf (q, k, v, gate, up) is
+    written into its slice, the rest of the leaf kept. Each new leaf keeps the
+    old one's dtype and sharding; ``state`` itself is not changed.
+    """
+    whole: dict[Path, np.ndarray] = {}
+    sliced: dict[Path, list] = {}
+    for path, value in updates.items():
+        target, part = fusion.locate(config, tuple(path))
+        if part is None:
+            whole[target] = value
+        else:
+            sliced.setdefault(target, []).append((part, value))
+
+    def replace(keypath, leaf):
+        path = tuple(k.key for k in keypath if isinstance(k, jax.tree_util.DictKey))
+        if path in whole:
+            return jax.device_put(np.asarray(whole[path]).astype(leaf.dtype), leaf.sharding)
+        for part, value in sliced.get(path, ()):
+            leaf = _write_slice(leaf, part.index(leaf.ndim),
+                                part.to_fused(np.asarray(value)).astype(leaf.dtype))
+        return leaf
+
+    return jax.tree_util.tree_map_with_path(replace, state)
+
+
+def _write_slice(leaf: jax.Array, index: tuple, value: np.ndarray) -> jax.Array:
+    """``leaf.at[index].set(value)`` as a new array with ``leaf``'s sharding."""
+    sharding = leaf.sharding
+    if isinstance(sharding, jax.sharding.NamedSharding):  # every device gets the slice
+        value = jax.device_put(value, jax.sharding.NamedSharding(
+            sharding.mesh, jax.sharding.PartitionSpec()))
+    else:
+        value = jax.device_put(value, sharding)
+    return jax.jit(lambda a, v: a.at[index].set(v), out_shardings=sharding)(leaf, value)
+
+
 def _hf_name_of(config: ModelConfig) -> dict[Path, tuple[str, bool]]:
     return {path: (hf, t) for hf, (path, t) in hf_names(config).items()}
+
+
+def check_pure(config: ModelConfig, pure: Mapping) -> dict[Path, object]:
+    """Checks a checkpoint-layout pure dict against the config; returns it flat.
+
+    Raises:
+      MissingWeightError: a leaf the config needs is absent.
+      WeightShapeError: a leaf's shape differs (named and shaped as in the
+        Hugging Face checkpoint where the leaf has a Hugging Face name).
+    """
+    flat_pure = _flatten(pure)
+    hf_of = _hf_name_of(config)
+    shapes = checkpoint_shapes(config)
+    missing = [p for p in shapes if p not in flat_pure]
+    if missing:
+        raise MissingWeightError([hf_of.get(p, ("/".join(map(str, p)),))[0] for p in missing])
+    for path, shape in shapes.items():
+        value = flat_pure[path]
+        if tuple(value.shape) != shape:
+            hf, transposed = hf_of.get(path, ("/".join(map(str, path)), False))
+            expected = shape[::-1] if transposed else shape
+            actual = value.shape[::-1] if transposed else value.shape
+            raise WeightShapeError(hf, expected, tuple(actual))
+    return {p: flat_pure[p] for p in shapes}
 
 
 def state_from_pure(config: ModelConfig, pure: Mapping, dtype="float32", *,
                     shardings: Callable[[Path], jax.sharding.Sharding] | None = None
                     ) -> nnx.State:
-    """Checks shapes of a pure dict against the config and places it on device.
+    """Checks a checkpoint-layout pure dict, fuses q|k|v and gate|up, places it on device.
 
     Args:
       config: model config.
-      pure: nested dict in the layout of ``nnx.to_pure_dict`` (numpy or jax
-        leaves; string layer keys such as ``"3"`` are accepted).
+      pure: nested dict in the checkpoint layout (``pure_from_hf``; what
+        converted Orbax folders hold), numpy or jax leaves; string layer keys
+        such as ``"3"`` are accepted.
       dtype: parameter dtype; leaves are cast to it.
-      shardings: optional ``path -> Sharding``; default: the default device.
+      shardings: optional ``model path -> Sharding``; default: the default device.
 
     Returns:
       An ``nnx.State`` of jax arrays, to ``nnx.merge`` with the graphdef of
@@ -216,32 +299,26 @@ def state_from_pure(config: ModelConfig, pure: Mapping, dtype="float32", *,
     from model.api import abstract_model
 
     _, abstract = abstract_model(config, dtype)
-    flat_pure = _flatten(pure)
-    hf_of = _hf_name_of(config)
-    missing = [p for p, _ in nnx.to_flat_state(abstract) if tuple(p) not in flat_pure]
-    if missing:
-        raise MissingWeightError([hf_of.get(tuple(p), ("/".join(map(str, p)),))[0]
-                                  for p in missing])
     target = jnp.dtype(dtype)
+    flat = {p: np.asarray(v).astype(target, copy=False)
+            for p, v in check_pure(config, pure).items()}
+    fused = fusion.fuse(config, flat)
 
-    def place(path, var):
-        path = tuple(path)
-        spec = var.get_value() if hasattr(var, "get_value") else var.value
-        value = flat_pure[path]
-        if tuple(value.shape) != tuple(spec.shape):
-            hf, transposed = hf_of.get(path, ("/".join(map(str, path)), False))
-            expected = spec.shape[::-1] if transposed else spec.shape
-            actual = value.shape[::-1] if transposed else value.shape
-            raise WeightShapeError(hf, expected, actual)
-        value = np.asarray(value).astype(target) if isinstance(value, np.ndarray) else \
-            jnp.asarray(value, target)
+    def place(path):
         device = shardings(path) if shardings is not None else None
-        return jax.device_put(value, device)
+        return jax.device_put(fused[path], device)
 
-    new_leaves = {tuple(p): place(p, v) for p, v in nnx.to_flat_state(abstract)}
+    new_leaves = {tuple(p): place(tuple(p)) for p, _ in nnx.to_flat_state(abstract)}
     state = jax.tree.map(lambda x: x, abstract)
     nnx.replace_by_pure_dict(state, _unflatten(new_leaves))
     return state
+
+
+def checkpoint_from_state(config: ModelConfig, state: nnx.State) -> dict:
+    """A float state -> its nested checkpoint-layout pure dict of numpy arrays (unfused)."""
+    flat = {tuple(p): np.asarray(v.get_value() if hasattr(v, "get_value") else v.value)
+            for p, v in nnx.to_flat_state(state)}
+    return _unflatten(fusion.unfuse(config, flat))
 
 
 def state_from_hf(config: ModelConfig, tensors: Mapping[str, np.ndarray], dtype="float32", *,

@@ -2,30 +2,37 @@
 
 Megatron-style tensor parallelism over the ``TENSOR`` mesh axis:
 
-=========================  ==============  =====================================
-weight (path suffix)       layout          spec when sharded
-=========================  ==============  =====================================
-q_proj kernel / bias       [hidden, Hq*D]  column-parallel ``P(None, TENSOR)``
-k_proj, v_proj             [hidden, Hk*D]  column-parallel ``P(None, TENSOR)``
-o_proj kernel              [Hq*D, hidden]  row-parallel ``P(TENSOR, None)``
-gate_proj, up_proj         [hidden, I]     column-parallel ``P(None, TENSOR)``
-down_proj kernel           [I, hidden]     row-parallel ``P(TENSOR, None)``
-embed_tokens embedding     [V, hidden]     vocab-parallel ``P(TENSOR, None)``
-lm_head kernel             [hidden, V]     vocab-parallel ``P(None, TENSOR)``
-norms, o_proj bias, q/k    any             replicated ``P()``
+=========================  ======================  ===================================
+weight (path suffix)       layout                  spec when sharded
+=========================  ======================  ===================================
+qkv_proj kernel            [hidden, Hkv, G+2, D]   by KV head ``P(None, TENSOR)``
+qkv_proj bias              [Hkv, G+2, D]           by KV head ``P(TENSOR)``
+o_proj kernel              [Hq*D, hidden]          row-parallel ``P(TENSOR, None)``
+gate_up_proj kernel        [hidden, 2, I]          column-parallel ``P(None, None, TENSOR)``
+down_proj kernel           [I, hidden]             row-parallel ``P(TENSOR, None)``
+embed_tokens embedding     [V, hidden]             vocab-parallel ``P(TENSOR, None)``
+lm_head kernel             [hidden, V]             vocab-parallel ``P(None, TENSOR)``
+norms, o_proj bias, q/k    any                     replicated ``P()``
 norm weights
-=========================  ==============  =====================================
+=========================  ======================  ===================================
+
+q|k|v and gate|up are fused at load (``model/fusion.py``) in layouts that
+keep each part on an axis of its own: splitting q|k|v's KV-head axis gives
+every device the q heads of its KV heads plus those k and v heads, and
+splitting gate|up's intermediate axis gives it the same gate and up columns.
 
 Which groups are sharded depends on divisibility (``ShardingPlan``):
 
-* attention (q/o) is sharded iff ``num_heads % tp == 0``; otherwise q, k, v,
-  o and the KV cache are all replicated (SmolLM2's 9 q heads at tp 2/4/8:
-  its attention runs replicated on every device and only MLP and vocab split).
-* k/v and the KV cache's head axis are sharded iff attention is sharded and
-  ``num_kv_heads % tp == 0`` (``heads_split``); otherwise each device holds
-  every KV head and runs attention for every head. (vLLM instead keeps one
-  copy of a KV head per device when tp exceeds the KV head count; here the
-  whole cache is replicated, which costs memory but needs no head regrouping.)
+* o_proj is sharded iff ``num_heads % tp == 0`` (``plan.attention``).
+* q|k|v and the KV cache's head axis are sharded iff ``heads_split`` (q and
+  KV head counts both divide tp); otherwise each device holds every head and
+  runs attention for every head. When only the q heads divide tp (8 q / 2 KV
+  heads at tp 4), q|k|v stays replicated too: the fused weight can only be
+  split by whole KV groups, and attention then runs replicated anyway, so
+  the cost is the q weight's memory on every device, not a collective.
+  (vLLM instead keeps one copy of a KV head per device when tp exceeds the
+  KV head count; here the whole cache is replicated, which costs memory but
+  needs no head regrouping.)
 * the MLP is sharded iff ``intermediate_size % tp == 0``; the vocabulary iff
   ``vocab_size % tp == 0``.
 
@@ -55,9 +62,9 @@ class ShardingPlan:
 
     Attributes:
       tp: tensor-parallel size.
-      attention: q/o projections split by q head.
-      kv_heads: k/v projections and the KV cache split by KV head.
-      mlp: gate/up/down split over the intermediate dimension.
+      attention: the o projection split by q head.
+      kv_heads: the fused q|k|v projection and the KV cache split by KV head.
+      mlp: gate|up and down split over the intermediate dimension.
       vocab: embedding and lm_head split over the vocabulary.
     """
 
@@ -99,7 +106,7 @@ def weight_spec(path: tuple, plan: ShardingPlan) -> P:
     """The partition spec of the state leaf at ``path``.
 
     Args:
-      path: e.g. ``("layers", 3, "self_attn", "q_proj", "kernel")``.
+      path: e.g. ``("layers", 3, "self_attn", "qkv_proj", "kernel")``.
       plan: the model's ``ShardingPlan``.
     """
     names = [p for p in path if isinstance(p, str)]
@@ -109,12 +116,12 @@ def weight_spec(path: tuple, plan: ShardingPlan) -> P:
         return _ROW if plan.vocab else REPLICATED
     if module == "lm_head":
         return _COLUMN if plan.vocab else REPLICATED
-    if module == "q_proj" and plan.attention or module in ("k_proj", "v_proj") and plan.kv_heads:
+    if module == "qkv_proj" and plan.kv_heads:  # [hidden, Hkv, G+2, D] / [Hkv, G+2, D]
         return _COLUMN if leaf == "kernel" else P(TENSOR)
     if module == "o_proj" and plan.attention:
         return _ROW if leaf == "kernel" else REPLICATED
-    if module in ("gate_proj", "up_proj") and plan.mlp:
-        return _COLUMN if leaf == "kernel" else P(TENSOR)
+    if module == "gate_up_proj" and plan.mlp:  # kernel [hidden, 2, I]; an int8 scale [2, I]
+        return P(None, None, TENSOR) if leaf == "kernel" else P(None, TENSOR)
     if module == "down_proj" and plan.mlp:
         return _ROW if leaf == "kernel" else REPLICATED
     return REPLICATED

@@ -12,7 +12,8 @@ SOURCE is a Hugging Face folder (config.json + *.safetensors) or a .gguf file
     OUT_DIR/orbax/           Orbax checkpoint of the DecoderLM weights
 
 Weights go through the explicit Hugging Face name map of ``model/weights.py``
-(renames and transposes, shapes checked against the config). Load the result
+(renames and transposes, shapes checked against the config) and are stored in
+its checkpoint layout, q, k, v and gate, up apart; loading fuses them. Load the result
 with ``model.loader.load_model(OUT_DIR)`` or serve it with
 ``python -m serving.main --model OUT_DIR``.
 """
@@ -61,15 +62,15 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike,
         FileExistsError: ``out_dir/orbax`` exists and ``force`` is False.
         ValueError: unsupported architecture, format or dtype; bad weights.
     """
+    import jax.numpy as jnp
     import numpy as np
-    from flax import nnx
     from tqdm.auto import tqdm
 
     from model.config import ModelConfig
     from model.loader import detect_format
     from model.orbax_io import ORBAX_DIR, write_orbax
     from model.tokenizer import load_tokenizer
-    from model.weights import hf_names, state_from_hf
+    from model.weights import check_pure, hf_names, pure_from_hf
 
     if dtype not in DTYPES:
         raise ValueError(f"unsupported dtype {dtype!r}; choose one of {DTYPES}")
@@ -97,10 +98,11 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike,
     names = hf_names(config)
     selected = {}
     for name in tqdm(names, desc=f"converting {src.name}", unit="tensor"):
-        if name in tensors:  # a missing one is reported by state_from_hf
+        if name in tensors:  # a missing one is reported by pure_from_hf
             selected[name] = np.asarray(tensors[name])
-    state = state_from_hf(config, selected, dtype)  # renames, transposes, checks shapes
-    pure = nnx.to_pure_dict(state)
+    pure = pure_from_hf(config, selected)  # renames and transposes
+    check_pure(config, pure)  # shapes against the config
+    pure = _map_leaves(pure, lambda a: np.asarray(a).astype(jnp.dtype(dtype)))
 
     hf_config = dict(hf_config)
     hf_config["torch_dtype"] = dtype
@@ -113,6 +115,10 @@ def convert(source: str | os.PathLike, out_dir: str | os.PathLike,
                 shutil.copy2(src / extra, out / extra)
     logger.info("converted %s (%s, %d tensors) into %s as %s", src, fmt, len(names), out, dtype)
     return out
+
+
+def _map_leaves(tree: dict, fn) -> dict:
+    return {k: _map_leaves(v, fn) if isinstance(v, dict) else fn(v) for k, v in tree.items()}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -113,8 +113,12 @@ def test_packed_qwen2_with_qkv_bias_tracks_float(tmp_path):
 
     ref = logits(lm.graphdef, lm.state)
     gp, sp = quantize_model(lm.graphdef, lm.state, "w8a8_int8", packed=True)
-    attn = nnx.merge(gp, sp).layers[0].self_attn
-    assert attn.qkv is not None and attn.qkv.bias is not None and attn.q_proj is None
+    from model.quant import PackedInt8Linear, WeightOnlyInt8Linear
+
+    layer = nnx.merge(gp, sp).layers[0]
+    assert isinstance(layer.self_attn.qkv_proj, WeightOnlyInt8Linear)
+    assert layer.self_attn.qkv_proj.bias is not None  # Qwen2's q|k|v biases, fused
+    assert isinstance(layer.mlp.gate_up_proj, PackedInt8Linear)
     got = logits(gp, sp)
     cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
     assert cos.min() > 0.99, cos

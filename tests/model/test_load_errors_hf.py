@@ -125,12 +125,13 @@ def test_invalid_config_values(override, match):
 
 def test_orbax_folder_loads_same_weights(llama_dir, tmp_path):
     import jax
-    from flax import nnx
 
     from model.orbax_io import write_orbax
+    from model.weights import checkpoint_from_state
 
     reference = load_model(str(llama_dir), with_tokenizer=False)
-    write_orbax(tmp_path / "conv", reference.hf_config, nnx.to_pure_dict(reference.state))
+    write_orbax(tmp_path / "conv", reference.hf_config,
+                checkpoint_from_state(reference.config, reference.state))
     loaded = load_model(str(tmp_path / "conv"), with_tokenizer=False)
     assert loaded.format == "orbax" and loaded.config == reference.config
     for a, b in zip(jax.tree.leaves(loaded.state), jax.tree.leaves(reference.state)):
