@@ -40,7 +40,7 @@ from typing import Any, Optional, Union
 
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field
-from quart import Blueprint
+from quart import Blueprint, request
 
 from serving.api.chat import message_dicts, render_chat
 from serving.api.errors import APIError
@@ -216,13 +216,9 @@ async def _embeddings(route: str):
 
 
 @bp.post("/v1/embeddings")
-async def v1_embeddings():
-    return await _embeddings("/v1/embeddings")
-
-
-@bp.post("/v1/embeddings/dense")
-async def rtp_dense():
-    return await _embeddings("/v1/embeddings/dense")
+@bp.post("/v1/embeddings/dense")  # RTP-LLM's
+async def embeddings():
+    return await _embeddings(request.url_rule.rule)
 
 
 @bp.post("/encode")
@@ -328,18 +324,10 @@ async def _rerank(route: str):
 
 
 @bp.post("/rerank")
-async def rerank():
-    return await _rerank("/rerank")
-
-
 @bp.post("/v1/rerank")
-async def v1_rerank():
-    return await _rerank("/v1/rerank")
-
-
 @bp.post("/v2/rerank")
-async def v2_rerank():
-    return await _rerank("/v2/rerank")
+async def rerank():
+    return await _rerank(request.url_rule.rule)
 
 
 async def _class_probs(state: ServerState, items: list, route: str) -> tuple[np.ndarray, int]:
