@@ -198,15 +198,12 @@ async def serve(engine_config: EngineConfig, server_config: ServerConfig,
     from hypercorn.config import Config as HypercornConfig
 
     from serving.api.app import create_app
-    from serving.engine.async_engine import AsyncEngine
+    from serving.engine.pooling_engine import build_client
 
     native = native or {}
-    if native.get("task", "auto") == "auto" and not native.get("is_embedding"):
-        engine = AsyncEngine(engine_config)
-    else:  # pooling models (or an explicit task): see serving/engine/pooling_engine.py
-        from serving.engine.pooling_engine import build_engine
-        engine = build_engine(engine_config, native.get("task", "auto"),
-                              native.get("is_embedding", False))
+    # AsyncEngine for generation, PoolingEngine for embed/score/classify checkpoints
+    engine = build_client(engine_config, native.get("task", "auto"),
+                          native.get("is_embedding", False))
     app = create_app(engine, server_config)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

@@ -23,7 +23,7 @@ import threading
 from typing import Optional
 
 from serving.engine.config import EngineConfig
-from serving.engine.engine import build_engine
+from serving.engine.engine import build_core
 from serving.engine.errors import (EngineNotReadyError, EngineOverloadedError,
                                    RequestFailedError, UnsupportedOperationError,
                                    ValidationError)
@@ -78,7 +78,7 @@ class AsyncEngine(LoopThread):
 
     Args:
         config: the EngineConfig.
-        engine: the core to drive; default: ``build_engine(config)``.
+        engine: the core to drive; default: ``build_core(config)``.
     """
 
     task = "generate"
@@ -88,7 +88,7 @@ class AsyncEngine(LoopThread):
     def __init__(self, config: EngineConfig, engine: Optional[EngineCore] = None):
         _enable_compile_cache(config.compile_cache_dir)
         self.config = config
-        self.engine: EngineCore = engine or build_engine(config)
+        self.engine: EngineCore = engine or build_core(config)
         self._streams: dict[str, RequestStream] = {}
         self._loop: Optional[asyncio.AbstractEventLoop] = None
         self._init_loop()

@@ -1,19 +1,22 @@
 """The engine: a request's life from arrival to last token.
 
-1. ``AsyncEngine.add_request`` (async_engine.py, asyncio thread) validates the prompt and
-   sampling parameters, wraps them in a ``SequenceGroup`` and drops it in the
-   inbox; it returns a ``RequestStream`` the caller iterates.
-2. The engine thread loops ``LLMEngine.step()``: it drains the inbox into the
-   ``Scheduler``, which picks this step's work (running sequences first, then
-   new ones within the token/sequence/page budgets, chunking long prompts and
-   preempting when pages run out) and the ``BlockManager`` maps tokens to
-   pages (reusing cached prefix pages).
+1. ``AsyncEngine.add_request`` (async_engine.py, asyncio thread) validates the
+   prompt and sampling parameters (``EngineCore.validate``) and submits them to
+   the inbox; it returns a ``RequestStream`` the caller iterates.
+2. The engine thread loops ``LLMEngine.step()``, which reads as schedule ->
+   launch -> complete. It drains the inbox into the ``Scheduler``, which picks
+   this step's work (running sequences first, then new ones within the
+   token/sequence/page budgets, chunking long prompts and preempting when pages
+   run out) while the ``BlockManager`` maps tokens to pages (reusing cached
+   prefix pages).
 3. The ``ModelRunner`` turns the scheduled sequences into bucketed device
-   arrays and runs the compiled steps (forward over the paged cache plus
-   on-device sampling), donating the KV cache.
-4. Back on the host, sampled tokens are appended, detokenized incrementally
-   and checked against EOS, stop ids, stop strings and length limits;
-   finished sequences free their pages at once.
+   arrays and launches the compiled steps (forward over the paged cache plus
+   on-device sampling), donating the KV cache. With async scheduling the
+   ``Pipeline`` (pipeline.py) keeps this step in flight while the next one is
+   scheduled; its sampled tokens feed that step on the device.
+4. When a step is read back, sampled tokens are appended, detokenized
+   incrementally and checked against EOS, stop ids, stop strings and length
+   limits; finished sequences free their pages at once.
 5. A ``RequestOutput`` snapshot per touched request goes back to its asyncio
    queue via ``loop.call_soon_threadsafe``; the last one has ``finished``.
 """
@@ -632,8 +635,9 @@ class LLMEngine:
         }
 
 
-def build_engine(config: EngineConfig):
-    """One ``LLMEngine``, or a ``DataParallelEngine`` of ``data_parallel_size`` replicas."""
+def build_core(config: EngineConfig):
+    """The ``EngineCore`` for ``config``: one ``LLMEngine``, or a ``DataParallelEngine`` of
+    ``data_parallel_size`` replicas (``AsyncEngine`` drives it)."""
     if config.nnodes > 1:  # rank 0 of a multi-host mesh: steps run on every node
         from sharding.distributed import Leader
         engine = LLMEngine(config)

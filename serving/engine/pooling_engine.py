@@ -309,8 +309,9 @@ def _is_encoder(model: Optional[str]) -> bool:
         model and os.path.isfile(os.path.join(model, "modules.json")))
 
 
-def build_engine(engine_config: Any, task: str = "auto", is_embedding: bool = False):
-    """The engine ``serving.main`` serves: AsyncEngine for generation, else PoolingEngine.
+def build_client(engine_config: Any, task: str = "auto", is_embedding: bool = False):
+    """The ``EngineClient`` ``serving.main`` serves: AsyncEngine for generation, else
+    PoolingEngine.
 
     Raises:
         ValueError: a pooling task on a checkpoint this server cannot pool.

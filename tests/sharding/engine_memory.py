@@ -19,14 +19,14 @@ import sys
 
 def measure(model, tp: int, dp: int) -> dict:
     from serving.engine.config import EngineConfig
-    from serving.engine.engine import build_engine
+    from serving.engine.engine import build_core
     from sharding.memory import max_bytes_per_device
 
     config = EngineConfig(model=model, dtype="float32", max_model_len=64, max_num_seqs=4,
                           max_num_batched_tokens=16, num_pages=24, precompile=False,
                           compile_cache_dir=None, decode_buckets=(4,), prefill_buckets=(16,),
                           tensor_parallel_size=tp, data_parallel_size=dp)
-    engine = build_engine(config)
+    engine = build_core(config)
     first = engine.replicas[0]
     return {"tp": tp, "dp": dp, "weight_bytes": max_bytes_per_device(first.state),
             "kv_bytes": max_bytes_per_device(first.runner.kv)}
