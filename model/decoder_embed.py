@@ -17,8 +17,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import api
-from model.attention import AttentionMetadata, KVCache
+from model.attention import KVCache
 from model.pooling import PoolingConfig, l2_normalize, truncate
+from model.ragged import pack_ragged
 
 _PAGE = 16
 
@@ -87,30 +88,16 @@ def encode(emb: LoadedDecoderEmbedder, inputs: Sequence, *, batch_size: int = 32
         total = _pow2(sum(len(s) for s in chunk), 16)
         pages_per_seq = _pow2(max(-(-len(s) // _PAGE) for s in chunk))
         num_pages = 1 + num_seqs * pages_per_seq
-        ids = np.zeros((total,), np.int32)
-        pos = np.zeros((total,), np.int32)
-        slots = np.zeros((total,), np.int32)
-        tables = np.zeros((num_seqs, pages_per_seq), np.int32)
-        lens = np.zeros((num_seqs,), np.int32)
-        qsl = np.zeros((num_seqs + 1,), np.int32)
-        last = np.zeros((num_seqs,), np.int32)
-        cur = 0
-        for i, s in enumerate(chunk):
-            n = len(s)
-            tables[i] = 1 + i * pages_per_seq + np.arange(pages_per_seq)
-            p = np.arange(n)
-            ids[cur:cur + n], pos[cur:cur + n] = s, p
-            slots[cur:cur + n] = tables[i][p // _PAGE] * _PAGE + p % _PAGE
-            lens[i] = n
-            cur += n
-            qsl[i + 1] = cur
-            last[i] = cur - 1
-        qsl[len(chunk) + 1:] = cur
-        md = AttentionMetadata(block_tables=tables, seq_lens=lens, query_start_loc=qsl,
-                               slot_mapping=slots, max_q_len=_pow2(max(map(len, chunk))))
+        batch = pack_ragged(
+            chunk, [0] * len(chunk),
+            [1 + i * pages_per_seq + np.arange(pages_per_seq) for i in range(len(chunk))],
+            page_size=_PAGE, num_tokens=total, num_seqs=num_seqs, pages_per_seq=pages_per_seq,
+            max_q_len=_pow2(max(map(len, chunk))))
         kv = KVCache.zeros(cfg.num_layers, num_pages, _PAGE, cfg.num_kv_heads, cfg.head_dim,
                            dtype)
-        vecs = np.asarray(_last_hidden(ld.graphdef, ld.state, ids, pos, kv, md, last))
+        vecs = np.asarray(_last_hidden(ld.graphdef, ld.state, batch.input_ids,
+                                       batch.positions, kv, batch.metadata,
+                                       batch.logits_indices))
         out[start:start + len(chunk)] = vecs[:len(chunk)]
     if dimensions is not None:
         return np.asarray(truncate(out, dimensions, normalize))

@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import api
-from model.attention import AttentionMetadata, KVCache
+from model.attention import KVCache
+from model.ragged import pack_ragged
 
 
 @functools.partial(jax.jit, static_argnums=(0,), donate_argnums=(4,))
@@ -55,23 +56,17 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, page_
     num_seq_pages = -(-total // page_size)
     num_pages = 2 * num_seq_pages + 1  # page 0 is the scratch page
     pages = np.random.default_rng(seed).permutation(np.arange(1, num_pages))[:num_seq_pages]
-    block_table = jnp.asarray(pages[None, :], jnp.int32)  # [1, pages_per_seq]
     dtype = next(a.dtype for a in jax.tree.leaves(state)  # int8 weights when quantized
                  if jnp.issubdtype(a.dtype, jnp.floating))
     kv_cache = KVCache.zeros(config.num_layers, num_pages, page_size, config.num_kv_heads,
                              config.head_dim, dtype)
 
     def run(tokens: list[int], start: int):
-        pos = np.arange(start, start + len(tokens))
-        slots = pages[pos // page_size] * page_size + pos % page_size
-        md = AttentionMetadata(
-            block_tables=block_table,
-            seq_lens=jnp.asarray([start + len(tokens)], jnp.int32),
-            query_start_loc=jnp.asarray([0, len(tokens)], jnp.int32),
-            slot_mapping=jnp.asarray(slots, jnp.int32),
-            max_q_len=len(tokens))
-        return _step(graphdef, state, jnp.asarray(tokens, jnp.int32),
-                     jnp.asarray(pos, jnp.int32), kv_cache, md)
+        batch = pack_ragged([tokens], [start], [pages], page_size=page_size,
+                            num_tokens=len(tokens), num_seqs=1, pages_per_seq=len(pages),
+                            max_q_len=len(tokens))
+        return _step(graphdef, state, batch.input_ids, batch.positions, kv_cache,
+                     batch.metadata)
 
     out: list[int] = []
     next_tok, kv_cache = run(prompt, 0)

@@ -19,7 +19,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from model import api as model_api
-from model.attention import AttentionMetadata, KVCache
+from model.attention import KVCache
+from model.ragged import pack_ragged
 from serving.engine.buckets import BucketPlan, round_up
 from serving.engine.guided import bitmask_table
 from serving.engine.pipeline import StepHandle, device_input_ids
@@ -156,17 +157,13 @@ class ModelRunner:
     def _dummy_args(self, kind: str, size: int, pages: int):
         """Host inputs of a padding-only step, typed exactly as ``_launch`` builds them."""
         num_seqs = size if kind == "decode" else 1
-        num_tokens = size
-        md = AttentionMetadata(
-            block_tables=np.zeros((num_seqs, pages), np.int32),
-            seq_lens=np.zeros((num_seqs,), np.int32),
-            query_start_loc=np.zeros((num_seqs + 1,), np.int32),
-            slot_mapping=np.zeros((num_tokens,), np.int32),
-            max_q_len=1 if kind == "decode" else size,
-            attention_backend=self.attention_backend)
+        batch = pack_ragged([], [], [], page_size=self.page_size, num_tokens=size,
+                            num_seqs=num_seqs, pages_per_seq=pages,
+                            max_q_len=1 if kind == "decode" else size,
+                            attention_backend=self.attention_backend)
         st = _default_sampling(num_seqs, self.vocab_size)
-        return (jnp.zeros((num_tokens,), jnp.int32), np.zeros((num_tokens,), np.int32), md,
-                np.zeros((num_seqs,), np.int32), st)
+        return (jnp.asarray(batch.input_ids), batch.positions, batch.metadata,
+                batch.logits_indices, st)
 
     # ---- execution --------------------------------------------------------
     def launch(self, items: list[StepItem], prev: Optional[StepHandle] = None) -> StepHandle:
@@ -207,32 +204,13 @@ class ModelRunner:
         else:
             num_seqs = 1
             num_tokens = round_up(len(items[0].token_ids), self.plan.prefill_tokens)
-        input_ids = np.zeros((num_tokens,), np.int32)
-        positions = np.zeros((num_tokens,), np.int32)
-        slots = np.zeros((num_tokens,), np.int32)  # padding writes go to scratch page 0
-        block_tables = np.zeros((num_seqs, pages), np.int32)
-        seq_lens = np.zeros((num_seqs,), np.int32)
-        qsl = np.zeros((num_seqs + 1,), np.int32)
-        logits_idx = np.zeros((num_seqs,), np.int32)
-        cursor = 0
-        for i, it in enumerate(items):
-            n = len(it.token_ids)
-            pos = np.arange(it.start_pos, it.start_pos + n, dtype=np.int32)
-            bt = np.asarray(it.block_table, np.int32)
-            input_ids[cursor:cursor + n] = it.token_ids
-            positions[cursor:cursor + n] = pos
-            slots[cursor:cursor + n] = bt[pos // ps] * ps + pos % ps
-            used = min(len(bt), pages)
-            block_tables[i, :used] = bt[:used]
-            seq_lens[i] = it.start_pos + n
-            cursor += n
-            qsl[i + 1] = cursor
-            logits_idx[i] = cursor - 1
-        qsl[len(items) + 1:] = cursor
-        md = AttentionMetadata(
-            block_tables=block_tables, seq_lens=seq_lens, query_start_loc=qsl,
-            slot_mapping=slots, max_q_len=1 if decode else num_tokens,
-            attention_backend=self.attention_backend)
+        batch = pack_ragged([it.token_ids for it in items], [it.start_pos for it in items],
+                            [it.block_table for it in items], page_size=ps,
+                            num_tokens=num_tokens, num_seqs=num_seqs, pages_per_seq=pages,
+                            max_q_len=1 if decode else num_tokens,
+                            attention_backend=self.attention_backend)
+        input_ids, positions, md = batch.input_ids, batch.positions, batch.metadata
+        logits_idx = batch.logits_indices
         st = self._sampling_tensors(items, num_seqs)
         input_ids = device_input_ids(input_ids, items, prev)
         plp = [it for it in items if it.prompt_logprobs is not None]
