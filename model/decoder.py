@@ -5,6 +5,9 @@ Family differences are config switches (``model/config.py``): q/k/v bias
 post-attention / pre- and post-feed-forward norms, scaled embeddings, sliding
 window layers with their own RoPE base, attention and final logit soft-capping.
 
+q|k|v and gate|up are one matmul each (fused at load, ``model/fusion.py``);
+the classes are float only (``model/quant.py`` swaps in int8 modules).
+
 The forward pass works on a flat ragged batch of ``T`` tokens and the paged KV
 cache stacked over layers. Layers are unrolled in Python so each layer's cache
 write is an in-place scatter into the (donated) stacked cache.

@@ -8,7 +8,6 @@ configuration, without weights: only shapes and dtypes are used.
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 
 import jax
