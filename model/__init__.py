@@ -7,8 +7,9 @@ Package order: ``pallas_kernels`` and ``sharding`` <- ``model`` <- ``serving``.
   pytrees; ``api``: the functional forward the engine jits.
 - ``ragged``: ``pack_ragged``, the token-major batch layout every caller uses.
 - ``loader`` (format detection), ``hf_loader``, ``gguf``, ``orbax_io``: read
-  checkpoints (``default``: the embedded model; ``tokenizer``); ``weights``: the Hugging Face name map, shape checks and
-  run-time updates; ``fusion``: q|k|v and gate|up fused at load.
+  checkpoints (``default``: the embedded model; ``tokenizer``); ``weights``:
+  the Hugging Face name map, shape checks and run-time updates; ``fusion``:
+  q|k|v and gate|up fused at load.
 - ``quant``: ``--quantization w8a8_int8`` as a module swap after loading.
 - ``generate``: a reference greedy generator for tests; ``decoder_embed``,
   ``encoder``, ``encoder_loader``, ``pooling``: embedding and scoring models.
