@@ -59,6 +59,13 @@ def test_score_matches_transformers(client, cross_encoder):
     one_to_n = client.post("/score", json={"text_1": PAIRS[0][0],
                                            "text_2": [PAIRS[0][1], "other"]}).json()
     assert abs(one_to_n["data"][0]["score"] - got[0]) < 1e-5
+    # vLLM serves the same score on /v1/score (SGLang's query/items body goes elsewhere),
+    # and takes the newer data_1/data_2 and queries/documents spellings
+    for body in ({"text_1": [a for a, _ in PAIRS], "text_2": [b for _, b in PAIRS]},
+                 {"data_1": [a for a, _ in PAIRS], "data_2": [b for _, b in PAIRS]},
+                 {"queries": [a for a, _ in PAIRS], "documents": [b for _, b in PAIRS]}):
+        v1 = client.post("/v1/score", json=body).json()
+        np.testing.assert_allclose([d["score"] for d in v1["data"]], got, atol=1e-6)
     reward = client.post("/classify", json={"text": ["a single text", "another"]}).json()
     assert isinstance(reward, list) and len(reward[0]["embedding"]) == 1
 
