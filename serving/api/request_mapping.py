@@ -96,8 +96,11 @@ def build_request(state, prompts: list[PromptInput], fields: SamplingFields, *,
         truncate_prompt_tokens: keep only the last this many prompt tokens.
 
     Raises:
-        APIError: 400 naming the parameter at fault.
+        APIError: 503 while the engine starts or sleeps (before any other
+            check, as the engine itself would answer); 400 naming the
+            parameter at fault.
     """
+    state.check_ready()
     if not prompts:
         raise APIError(f"`{prompt_param}` must not be empty", 400, prompt_param)
     ids_list, texts = [], []
