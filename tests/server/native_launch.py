@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 
 import httpx
+import pytest
 
 from tests.server.conftest import launch as _launch
 
@@ -18,6 +19,20 @@ def launch(args: list[str]):
     """Runs ``serving.main`` with ``SMALL`` + ``args``; yields a Server once /health is 200."""
     with _launch("real", list(args), base_args=SMALL) as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def server():
+    """One real server per test module that imports this fixture."""
+    with launch([]) as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    """An httpx client on the module's server."""
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        yield c
 
 
 def assert_json_error(resp: httpx.Response, lo: int = 400, hi: int = 499) -> dict:

@@ -11,7 +11,7 @@ import time
 import httpx
 import pytest
 
-from tests.server.native_launch import assert_json_error, launch
+from tests.server.native_launch import assert_json_error, client, server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 
@@ -33,18 +33,6 @@ def converted(tmp_path_factory):
     convert(str(default_model_path()), root / "smollm2-converted")
     save_hf_model("llama", root / "tiny-llama")
     return root / "smollm2-converted", root / "tiny-llama"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with launch([]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
 
 
 def _meta_ok(obj: dict) -> dict:

@@ -18,22 +18,10 @@ import time
 import httpx
 import pytest
 
-from tests.server.native_launch import assert_json_error, launch
+from tests.server.native_launch import assert_json_error, client, server  # noqa: F401
 
 pytestmark = pytest.mark.slow
 PROMPT = "The capital of France is"
-
-
-@pytest.fixture(scope="module")
-def server():
-    with launch([]) as srv:
-        yield srv
-
-
-@pytest.fixture(scope="module")
-def client(server):
-    with httpx.Client(base_url=server.url, timeout=300) as c:
-        yield c
 
 
 def _events(resp: httpx.Response, prefix: str = "data: ") -> list[str]:
