@@ -35,6 +35,12 @@ def converted(tmp_path_factory):
     return root / "smollm2-converted", root / "tiny-llama"
 
 
+def _chunks(resp: httpx.Response) -> list[dict]:
+    """The JSON events of a stream (its closing ``data: [DONE]`` left out)."""
+    return [json.loads(line[6:]) for line in resp.iter_lines()
+            if line.startswith("data: ") and line != "data: [DONE]"]
+
+
 def _meta_ok(obj: dict) -> dict:
     assert {"text", "meta_info"} <= set(obj)
     meta = obj["meta_info"]
@@ -91,7 +97,7 @@ def test_lmdeploy_generate(client):
     assert flat["text"] == sgl["text"] and meta["completion_tokens"] == 6
     with client.stream("POST", "/generate", json={"prompt": "Hello", "max_tokens": 4,
                                                   "temperature": 0, "stream": True}) as r:
-        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        chunks = _chunks(r)
     whole = client.post("/generate", json={"prompt": "Hello", "max_tokens": 4,
                                            "temperature": 0}).json()["text"]
     assert "".join(c["text"] for c in chunks) == whole  # LMDeploy streams deltas
@@ -137,7 +143,7 @@ def test_generate_logprob_shapes_per_dialect(client):
     with client.stream("POST", "/generate", json={"input_ids": ids, "max_tokens": 4,
                                                   "temperature": 0, "return_logprob": True,
                                                   "stream": True}) as r:
-        chunks = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: ")]
+        chunks = _chunks(r)
     got = [i for c in chunks for i in c["output_ids"]]
     pairs = [p for c in chunks for p in c["meta_info"].get("output_token_logprobs") or []]
     assert got == out["output_ids"] and [p[1] for p in pairs] == got
