@@ -33,7 +33,7 @@ from typing import Optional
 from serving.engine.block_manager import BlockManager
 from serving.engine.config import EngineConfig
 from serving.engine.detokenizer import IncrementalDetokenizer, find_stop
-from serving.engine.errors import ValidationError
+from serving.engine.errors import ValidationError, context_length_message
 from serving.engine.guided import GuideCompiler, GuideMatcher
 from serving.engine.pipeline import InFlight, Pipeline, settle
 from serving.engine.scheduler import Scheduler, SchedulerConfig, SchedulerOutput
@@ -328,13 +328,11 @@ class LLMEngine:
         max_tokens = params.max_tokens
         if max_tokens is None:
             max_tokens = self.max_model_len - n
+        if n >= self.max_model_len:
+            raise ValidationError("prompt", context_length_message(self.max_model_len, n, None))
         if n + max_tokens > self.max_model_len or max_tokens < 1:
-            raise ValidationError(
-                "prompt" if n >= self.max_model_len else "max_tokens",
-                f"This model's maximum context length is {self.max_model_len} tokens. "
-                f"However, you requested {n + max_tokens} tokens ({n} in the messages, "
-                f"{max_tokens} in the completion). Please reduce the length of the "
-                f"messages or completion.")
+            raise ValidationError("max_tokens", context_length_message(self.max_model_len, n,
+                                                                       max_tokens))
         return dataclasses.replace(params, max_tokens=max_tokens)
 
     def submit(self, request_id: str, prompt_token_ids: list[int],
