@@ -18,6 +18,9 @@ class ServerConfig:
         api_key: when set, every route except the open ones (``/health``,
             ``/metrics``, ``/version``, ``/ping``, ``/openapi.json``) needs
             ``Authorization: Bearer <key>``.
+        admin_api_key: when set, the admin routes (``serving.api.routes.admin``
+            and ``/abort_request``) need ``Authorization: Bearer <admin key>``
+            and no longer take ``api_key``; unset, they take ``api_key``.
         chat_template: a Jinja chat template (already read from a file if a path
             was given) overriding the tokenizer's; None keeps the tokenizer's.
         response_role: the role of generated chat messages.
@@ -35,6 +38,7 @@ class ServerConfig:
     port: int = 8000
     served_model_names: tuple[str, ...] = ()
     api_key: Optional[str] = None
+    admin_api_key: Optional[str] = None
     chat_template: Optional[str] = None
     response_role: str = "assistant"
     enable_request_id_headers: bool = False
@@ -52,6 +56,8 @@ class ServerConfig:
         if self.api_dialect not in ("vllm", "sglang", "lmdeploy"):
             raise ValueError(f"api_dialect must be vllm, sglang or lmdeploy, got "
                              f"{self.api_dialect!r}")
+        if self.admin_api_key is not None and not self.admin_api_key:
+            raise ValueError("admin_api_key must not be empty")
         if self.max_n < 1:
             raise ValueError("max_n must be at least 1")
         object.__setattr__(self, "served_model_names", tuple(self.served_model_names))

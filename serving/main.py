@@ -105,6 +105,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--port", type=int, default=8000)
     g.add_argument("--api-key", default=None,
                    help="require this key (default: $JAX_SERVE_API_KEY, then $VLLM_API_KEY)")
+    g.add_argument("--admin-api-key", default=None,
+                   help="key the admin routes need instead of --api-key (weight updates, "
+                        "sleep/wakeup, flush_cache, abort_request, set_log_level, terminate; "
+                        "default: $JAX_SERVE_ADMIN_API_KEY)")
     g.add_argument("--root-path", default="")
     g.add_argument("--enable-request-id-headers", action="store_true")
     g.add_argument("--disable-log-requests", action="store_true")
@@ -176,6 +180,8 @@ def build_configs(args: argparse.Namespace) -> tuple[EngineConfig, ServerConfig]
         names = (model,) if model else (DEFAULT_SERVED_NAME,)
     server_config = ServerConfig(host=args.host, port=args.port, served_model_names=names,
                                  api_key=api_key,
+                                 admin_api_key=args.admin_api_key or os.environ.get(
+                                     "JAX_SERVE_ADMIN_API_KEY") or None,
                                  chat_template=read_chat_template(args.chat_template),
                                  response_role=args.response_role,
                                  enable_request_id_headers=args.enable_request_id_headers,

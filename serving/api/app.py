@@ -35,6 +35,8 @@ logger = logging.getLogger(__name__)
 
 # Routes that stay reachable without the API key (vLLM keeps health and metrics open).
 OPEN_PATHS = frozenset({"/health", "/ping", "/metrics", "/version", "/openapi.json"})
+# Admin routes outside the admin blueprint (they stop other clients' requests).
+ADMIN_PATHS = frozenset({"/abort_request"})
 
 
 def create_app(engine: EngineClient, config: Optional[ServerConfig] = None) -> Quart:
@@ -66,16 +68,22 @@ def create_app(engine: EngineClient, config: Optional[ServerConfig] = None) -> Q
 
 
 def _install_hooks(app: Quart, state: ServerState) -> None:
-    key = state.config.api_key
+    key, admin = state.config.api_key, state.config.admin_api_key
     expected = f"Bearer {key}".encode() if key else None
+    expected_admin = f"Bearer {admin}".encode() if admin else expected
 
     @app.before_request
     async def check_api_key():
-        if expected is None or request.method == "OPTIONS" or request.path in OPEN_PATHS:
+        if request.method == "OPTIONS" or request.path in OPEN_PATHS:
+            return None
+        is_admin = (request.blueprint == "admin" or request.path in ADMIN_PATHS)
+        want = expected_admin if is_admin else expected
+        if want is None:
             return None
         got = request.headers.get("Authorization", "").encode()
-        if not hmac.compare_digest(got, expected):
-            return _error(state, APIError("Unauthorized: a valid API key is required "
+        if not hmac.compare_digest(got, want):  # constant time; keys are never logged
+            what = "admin API key" if is_admin and admin else "API key"
+            return _error(state, APIError(f"Unauthorized: a valid {what} is required "
                                           "(Authorization: Bearer <key>).", 401))
         return None
 

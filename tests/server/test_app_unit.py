@@ -123,3 +123,31 @@ def test_api_key_from_env(monkeypatch):
     monkeypatch.setenv("JAX_SERVE_API_KEY", "env-key")
     _, s = build_configs(build_parser().parse_args([]))
     assert s.api_key == "env-key"
+
+
+def test_admin_routes_need_the_admin_key(tokenizer, monkeypatch):
+    """--admin-api-key guards the admin routes (401 in the OpenAI shape, the
+    inference key is not enough); inference routes keep --api-key."""
+    app = create_app(FakeEngine(tokenizer), ServerConfig(api_key="user", admin_api_key="root"))
+    user, root = {"Authorization": "Bearer user"}, {"Authorization": "Bearer root"}
+    body = {"prompt": "hi", "max_tokens": 2}
+    assert _call(app, "POST", "/v1/completions", body, user)[0] == 200
+    assert _call(app, "POST", "/v1/completions", body, root)[0] == 401
+    for method, path, payload in (("POST", "/flush_cache", None), ("POST", "/abort_request", {}),
+                                  ("POST", "/set_log_level", {"log_level": "INFO"}),
+                                  ("POST", "/update_weights_from_disk", {"model_path": "/x"})):
+        status, text, headers = _call(app, method, path, payload, user)
+        err = json.loads(text)["error"]
+        assert status == 401 and "admin API key" in err["message"], (path, text)
+        assert headers["WWW-Authenticate"] == "Bearer"
+        assert _call(app, method, path, payload, root)[0] != 401, path
+    assert _call(app, "GET", "/health", None, {})[0] == 200  # open routes stay open
+    # without an admin key the admin routes take the API key, as before
+    app = create_app(FakeEngine(tokenizer), ServerConfig(api_key="user"))
+    assert _call(app, "POST", "/flush_cache", None, user)[0] == 200
+    assert _call(app, "POST", "/flush_cache", None, {})[0] == 401
+    monkeypatch.setenv("JAX_SERVE_ADMIN_API_KEY", "from-env")
+    _, server_config = build_configs(build_parser().parse_args([]))
+    assert server_config.admin_api_key == "from-env"
+    _, server_config = build_configs(build_parser().parse_args(["--admin-api-key", "k"]))
+    assert server_config.admin_api_key == "k"
