@@ -91,7 +91,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--node-rank", type=int, default=0, help="this process (0 serves HTTP)")
     g.add_argument("--dist-init-addr", default=None,
                    help="HOST:PORT of the jax.distributed coordinator (rank 0's host)")
-    g.add_argument("--max-queue-size", type=int, default=None)
+    g.add_argument("--max-queue-size", "--max-queue-len", dest="max_queue_size", type=int,
+                   default=None, help="waiting requests beyond this get 503 + Retry-After")
     g.add_argument("--disable-precompile", action="store_true",
                    help="compile buckets lazily on first use instead of at start-up")
     g.add_argument("--compile-cache-dir", default=None,

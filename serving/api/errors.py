@@ -36,6 +36,7 @@ _TYPES = {
 }
 
 
+RETRY_AFTER_SECONDS = 1  # what a 503 for a full queue asks clients to wait
 # RTP-LLM's error codes (rtp_llm/config/exceptions.py) by HTTP status
 _RTP_CODES = {400: (605, "INVALID_PARAMS"), 404: (605, "INVALID_PARAMS"),
               500: (514, "UNKNOWN_ERROR"), 503: (514, "UNKNOWN_ERROR")}
@@ -53,11 +54,14 @@ class APIError(Exception):
             "lmdeploy" (LMDeploy's flat ``{"object": "error", ...}``) or "rtp"
             (RTP-LLM's ``{"error_code", "error_code_str", "message"}``); routes of
             those dialects set it with :func:`dialect_errors`.
+        headers: extra response headers (``Retry-After`` on a full queue).
     """
 
     def __init__(self, message: str, status: int = 400, param: Optional[str] = None,
-                 err_type: Optional[str] = None, shape: str = "openai"):
+                 err_type: Optional[str] = None, shape: str = "openai",
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
+        self.headers = dict(headers or {})
         self.message = message
         self.status = int(status)
         self.param = param
@@ -98,7 +102,7 @@ def error_body(message: str, status: int, param: Optional[str] = None,
 def error_response(err: APIError, headers: Optional[dict[str, str]] = None) -> Response:
     """Turns an APIError into a JSON response."""
     return Response(json.dumps(err.body()), status=err.status, content_type="application/json",
-                    headers=headers or {})
+                    headers={**err.headers, **(headers or {})})
 
 
 class dialect_errors:
@@ -143,7 +147,8 @@ def from_engine_error(exc: BaseException) -> APIError:
     if isinstance(exc, UnsupportedOperationError):
         return APIError(str(exc), 400)
     if isinstance(exc, EngineOverloadedError):
-        return APIError(f"The server is overloaded: {exc}", 503)
+        return APIError(f"The server is overloaded: {exc}", 503,
+                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
     if isinstance(exc, EngineNotReadyError):
         return APIError(f"The engine is not ready: {exc}", 503)
     if isinstance(exc, RequestFailedError):

@@ -23,7 +23,7 @@ from typing import Any, AsyncIterator, Optional
 
 from serving.api.errors import APIError, from_engine_error, request_failed
 from serving.api.protocol import random_uuid
-from serving.engine.errors import EngineError
+from serving.engine.errors import EngineError, EngineOverloadedError
 from serving.engine.types import CompletionOutput, RequestOutput
 
 logger = logging.getLogger(__name__)
@@ -83,6 +83,8 @@ class Generation:
                 self._timers.append(state.metrics.timer())
         except EngineError as exc:
             self.abort()
+            if isinstance(exc, EngineOverloadedError):
+                state.metrics.on_rejected()
             raise from_engine_error(exc) from None
         for key in self.abort_keys:
             state.running[key] = self

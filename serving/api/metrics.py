@@ -108,7 +108,13 @@ class ServerMetrics:
                                            buckets=_TOKEN_BUCKETS, **kw)
         self.success = Counter("vllm:request_success", "Count of successfully processed requests.",
                                labelnames=labels + ["finished_reason"], registry=self.registry)
+        self.rejected = Counter("jax_serve:requests_rejected",
+                                "Requests refused with 503 because the queue was full.",
+                                **kw)
         self._labels = (model_name, "0")
+
+    def on_rejected(self) -> None:
+        self.rejected.labels(*self._labels).inc()
 
     def timer(self) -> "RequestTimer":
         """Starts timing one engine request."""

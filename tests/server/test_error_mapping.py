@@ -57,10 +57,11 @@ def tokenizer():
     return load_default_tokenizer()
 
 
-def _post(app, path: str, body: dict) -> tuple[int, dict]:
+def _post(app, path: str, body: dict, with_headers: bool = False):
     async def go():
         resp = await app.test_client().post(path, json=body)
-        return resp.status_code, json.loads(await resp.get_data(as_text=True))
+        out = resp.status_code, json.loads(await resp.get_data(as_text=True))
+        return out + (resp.headers,) if with_headers else out
     return asyncio.run(go())
 
 
@@ -111,3 +112,18 @@ def test_streamed_failure_ends_with_an_error_event(tokenizer):
     assert status == 200 and events[-1] == "data: [DONE]"
     err = json.loads(events[-2][len("data: "):])["error"]
     assert err["code"] == 500 and "injected fault" in err["message"]
+
+
+@pytest.mark.parametrize("path,body,shape", ROUTES, ids=[f"{r[0]}-{r[2]}" for r in ROUTES])
+def test_full_queue_is_503_with_retry_after_and_counted(tokenizer, path, body, shape):
+    app = create_app(RaisingEngine(tokenizer, errors.EngineOverloadedError("queue full")),
+                     ServerConfig())
+    status, _, headers = _post(app, path, body, with_headers=True)
+    assert status == 503 and headers["Retry-After"] == "1"
+
+    async def metrics():
+        resp = await app.test_client().get("/metrics")
+        return await resp.get_data(as_text=True)
+    line = [x for x in asyncio.run(metrics()).splitlines()
+            if x.startswith("jax_serve:requests_rejected_total{")]
+    assert line and float(line[0].rsplit(" ", 1)[1]) == 1.0, line
