@@ -145,7 +145,7 @@ class AsyncEngine(LoopThread):
             raise ValidationError("request_id", f"request id {request_id!r} is already running")
         if self.engine.num_queued() >= self.config.max_queue_size:
             raise EngineOverloadedError(
-                f"The server is overloaded: {self.config.max_queue_size} requests are waiting")
+                f"{self.config.max_queue_size} requests are waiting")
         stream = RequestStream(self, request_id)
         self._streams[request_id] = stream
         self.engine.submit(request_id, prompt_token_ids, params)
