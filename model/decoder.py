@@ -9,8 +9,11 @@ q|k|v and gate|up are one matmul each (fused at load, ``model/fusion.py``);
 the classes are float only (``model/quant.py`` swaps in int8 modules).
 
 The forward pass works on a flat ragged batch of ``T`` tokens and the paged KV
-cache stacked over layers. Layers are unrolled in Python so each layer's cache
-write is an in-place scatter into the (donated) stacked cache.
+cache stacked over layers; each layer's cache write is an in-place scatter
+into the (donated) stacked cache at its layer index. ``__call__`` unrolls the
+layers (reference loops, export tests); the engine runs the same layers as a
+loop over stacked weights (``model/stacked.py``), so tracing and compiling a
+step costs one layer (or one period of Gemma 3's local/global pattern).
 """
 
 from __future__ import annotations
@@ -33,7 +36,6 @@ class Attention(nnx.Module):
 
     def __init__(self, config: ModelConfig, layer: int, *, dtype, rngs: nnx.Rngs):
         c = config
-        self.layer = layer
         self.num_heads = c.num_heads
         self.num_kv_heads = c.num_kv_heads
         self.head_dim = c.head_dim
@@ -55,12 +57,14 @@ class Attention(nnx.Module):
             self.q_norm = self.k_norm = None
 
     def __call__(self, x: jax.Array, positions: jax.Array, kv_cache: KVCache,
-                 md: AttentionMetadata, rope_cache: dict | None = None
-                 ) -> tuple[jax.Array, KVCache]:
+                 md: AttentionMetadata, rope_cache: dict | None = None, *,
+                 layer: int | jax.Array) -> tuple[jax.Array, KVCache]:
         """``x: [T, hidden] -> ([T, hidden], updated cache)``.
 
-        ``rope_cache`` (trace-time dict) shares the RoPE cos/sin tables between
-        layers with the same frequencies.
+        ``layer`` (an int, or a traced int32 under a loop over layers) picks
+        this layer's slice of the stacked cache. ``rope_cache`` (trace-time
+        dict) shares the RoPE cos/sin tables between layers with the same
+        frequencies.
         """
         num_tokens = x.shape[0]
         h = self.qkv_proj(x)  # [T, Hkv, group + 2, D]
@@ -78,20 +82,21 @@ class Attention(nnx.Module):
         q = apply_rope(q, rope_cache[key])
         k = apply_rope(k, rope_cache[key])
 
-        def attend(q, k, v, k_cache, v_cache, block_tables, seq_lens, qsl, slots):
+        def attend(q, k, v, k_cache, v_cache, layer, block_tables, seq_lens, qsl, slots):
             # Per shard under tensor parallelism: q/k/v/caches hold this device's heads.
-            k_cache, v_cache = write_kv(k_cache, v_cache, self.layer, k, v, slots,
+            k_cache, v_cache = write_kv(k_cache, v_cache, layer, k, v, slots,
                                         backend=md.attention_backend)
             out = ragged_paged_attention(
-                q, k_cache, v_cache, self.layer, block_tables, seq_lens, qsl,
+                q, k_cache, v_cache, layer, block_tables, seq_lens, qsl,
                 max_q_len=md.max_q_len, sm_scale=self.sm_scale,
                 sliding_window=self.sliding_window, soft_cap=self.soft_cap,
                 backend=md.attention_backend)  # [T, Hq(/tp), D]
             return out, k_cache, v_cache
 
         attend = tensor_parallel_attention(attend, md.mesh, num_heads=self.num_heads,
-                                           num_kv_heads=self.num_kv_heads, num_replicated=4)
-        out, k_cache, v_cache = attend(q, k, v, kv_cache.k, kv_cache.v, md.block_tables,
+                                           num_kv_heads=self.num_kv_heads, num_replicated=5)
+        out, k_cache, v_cache = attend(q, k, v, kv_cache.k, kv_cache.v,
+                                       jnp.asarray(layer, jnp.int32), md.block_tables,
                                        md.seq_lens, md.query_start_loc, md.slot_mapping)
         out = self.o_proj(out.reshape(num_tokens, self.num_heads * self.head_dim))
         return out, KVCache(k_cache, v_cache)
@@ -113,9 +118,9 @@ class DecoderLayer(nnx.Module):
         self.mlp = MLP(c.hidden_size, c.intermediate_size, hidden_act=c.hidden_act,
                        dtype=dtype, rngs=rngs)
 
-    def __call__(self, x, positions, kv_cache, md, rope_cache=None):
+    def __call__(self, x, positions, kv_cache, md, rope_cache=None, *, layer):
         h, kv_cache = self.self_attn(self.input_layernorm(x), positions, kv_cache, md,
-                                     rope_cache)
+                                     rope_cache, layer=layer)
         if self.gemma:
             x = x + self.post_attention_layernorm(h)
             x = x + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
@@ -164,14 +169,19 @@ class DecoderLM(nnx.Module):
           ``(hidden, kv_cache)``: final-normed hidden states [T, hidden_size]
           and the updated cache.
         """
-        x = self.embed_tokens(input_ids)  # [T, hidden]
+        x = self.embed(input_ids)
+        rope_cache: dict = {}  # one cos/sin pair per distinct RoPE frequency set
+        for i, layer in enumerate(self.layers):
+            x, kv_cache = layer(x, positions, kv_cache, md, rope_cache, layer=i)
+        return self.norm(x), kv_cache
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """``input_ids: [T] -> [T, hidden]`` (Gemma: scaled by sqrt(hidden))."""
+        x = self.embed_tokens(input_ids)
         if self.config.is_gemma:
             # Like transformers: the scale is cast to the weight dtype first.
             x = x * jnp.asarray(math.sqrt(self.config.hidden_size), self.dtype)
-        rope_cache: dict = {}  # one cos/sin pair per distinct RoPE frequency set
-        for layer in self.layers:
-            x, kv_cache = layer(x, positions, kv_cache, md, rope_cache)
-        return self.norm(x), kv_cache
+        return x
 
     def compute_logits(self, hidden: jax.Array) -> jax.Array:
         """``hidden: [N, hidden_size] -> logits [N, vocab_size]`` float32."""

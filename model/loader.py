@@ -38,6 +38,8 @@ class LoadedModel:
       path: where the model was loaded from.
       format: "hf", "gguf" or "orbax".
       hf_config: the raw Hugging Face-style config dict.
+      timings: seconds spent reading the weights (``weights_s``) and building
+        the tokenizer (``tokenizer_s``).
     """
 
     config: ModelConfig
@@ -47,6 +49,7 @@ class LoadedModel:
     path: str
     format: str
     hf_config: dict = dataclasses.field(default_factory=dict)
+    timings: dict = dataclasses.field(default_factory=dict)
 
 
 def detect_format(path: str | os.PathLike) -> str:
@@ -133,11 +136,14 @@ def load_model(path: str | os.PathLike | None = None, dtype: str = "float32", *,
         config = ModelConfig.from_hf(hf_config)
         state = state_from_pure(config, pure, dtype, shardings=_place(config))
     graphdef, _ = abstract_model(config, dtype)
+    weights_s = time.perf_counter() - start
     tokenizer = None
     if with_tokenizer:
         from model.tokenizer import load_tokenizer
         tokenizer = load_tokenizer(str(path), fmt)
+    tokenizer_s = time.perf_counter() - start - weights_s
     logger.info("loaded %s model %s (%s, %d layers, %s) in %.1fs", fmt, path,
                 config.architecture, config.num_layers, dtype, time.perf_counter() - start)
     return LoadedModel(config=config, graphdef=graphdef, state=state, tokenizer=tokenizer,
-                       path=str(path), format=fmt, hf_config=hf_config)
+                       path=str(path), format=fmt, hf_config=hf_config,
+                       timings={"weights_s": weights_s, "tokenizer_s": tokenizer_s})
