@@ -101,20 +101,20 @@ def read_gguf(path: str | os.PathLike) -> tuple[dict, dict[str, np.ndarray]]:
 
 
 def open_gguf(path: str | os.PathLike):
-    """Opens ``path`` with ``gguf.GGUFReader``, with clear errors.
+    """Opens ``path`` (``model.gguf_fast.GGUFFile``: header decoded, tensors mapped), with clear errors.
 
     Raises:
         FileNotFoundError: ``path`` does not exist.
         ValueError: ``path`` is not a readable GGUF file.
     """
-    from gguf import GGUFReader
+    from model.gguf_fast import GGUFFile
 
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"GGUF file not found: {path}")
     try:
-        return GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError/IndexError/... on junk
+        return GGUFFile(path)
+    except Exception as err:  # ValueError/IndexError/struct.error/KeyError... on junk
         raise ValueError(f"{path} is not a valid GGUF file: {err}") from err
 
 
