@@ -9,6 +9,14 @@ Example (the command behind BENCHMARKS.md's "Kernels" section)::
 
     python tools/bench_kernels.py --backend xla --num-seqs 8 --context-len 1024 \
         --q-len 1 --num-q-heads 9 --num-kv-heads 3 --head-dim 64 --page-size 16
+
+``--cpu-isas`` times the C++ CPU kernels instead, once per forced code path
+(``pallas_kernels/cpu/ffi.py``: ``all`` is every path this CPU runs): paged
+attention over the batch above, then the W8A8 and weight-only int8 matmuls
+of ``--int8-shapes``; e.g. SmolLM2's decode at 32 sequences::
+
+    python tools/bench_kernels.py --cpu-isas all --num-seqs 32 --context-len 256 \
+        --int8-shapes 32x576x1536,32x576x49152
 """
 
 from __future__ import annotations
@@ -124,6 +132,58 @@ def run(a) -> list[dict]:
     return rows
 
 
+def _int8_shapes(text: str) -> list[tuple[int, int, int]]:
+    """``"32x576x1536,1x576x49152"`` -> [(M, K, N), ...]."""
+    shapes = []
+    for part in text.split(","):
+        dims = tuple(int(d) for d in part.lower().split("x"))
+        if len(dims) != 3 or min(dims) < 1:
+            raise ValueError(f"int8 shape {part!r}: expected MxKxN")
+        shapes.append(dims)
+    return shapes
+
+
+def run_cpu_isas(a) -> list[dict]:
+    """Times the C++ CPU kernels on each forced path; one row per (kernel, path)."""
+    from pallas_kernels.cpu import attention as cpu_attention
+    from pallas_kernels.cpu import ffi
+    from pallas_kernels.cpu import int8 as cpu_int8
+
+    if not ffi.available():
+        raise RuntimeError(f"the CPU kernels are unavailable: {ffi.build_error()}")
+    names = ffi.supported_cpu_isas() if a.cpu_isas == "all" else a.cpu_isas.split(",")
+    x = _inputs(a)
+    attn = jax.jit(lambda q, k, v, bt, sl, qsl: cpu_attention.ragged_paged_attention_cpu(
+        q, k, v, jnp.int32(a.num_layers - 1), bt, sl, qsl, max_q_len=a.q_len,
+        sm_scale=a.head_dim ** -0.5))
+    attn_args = (x["q"], x["k_cache"], x["v_cache"], x["block_tables"], x["seq_lens"],
+                 x["query_start_loc"])
+    w8a8, weight_only = jax.jit(cpu_int8.int8_matmul_cpu), jax.jit(cpu_int8.int8_weight_matmul_cpu)
+    rng = np.random.default_rng(0)
+    mats = []
+    for m, k, n in _int8_shapes(a.int8_shapes):
+        q = jnp.asarray(rng.integers(-127, 128, (k, n)), jnp.int8)
+        scale = jnp.asarray(rng.uniform(0.005, 0.02, n), jnp.float32)
+        act = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+        mats.append((f"{m}x{k}x{n}", (act, *cpu_int8.pack_int8_weight(q), scale),
+                     (act, cpu_int8.pad_int8_weight(q), scale)))
+    rows = []
+    try:
+        for name in names:
+            path = ffi.set_cpu_isa(name)
+            shape = f"{a.num_seqs}x{a.context_len} q{a.q_len} {a.dtype}"
+            timings = [("paged_attention", shape, _time(attn, attn_args, a.warmup, a.iters))]
+            for label, packed_args, padded_args in mats:
+                timings.append(("int8_w8a8", label, _time(w8a8, packed_args, a.warmup, a.iters)))
+                timings.append(("int8_weight_only", label,
+                                _time(weight_only, padded_args, a.warmup, a.iters)))
+            rows += [dict(kernel=kernel, isa=name, path=path, shape=shape_, time_us=secs * 1e6)
+                     for kernel, shape_, secs in timings]
+    finally:
+        ffi.set_cpu_isa()
+    return rows
+
+
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -142,10 +202,25 @@ def main(argv=None) -> None:
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--iters", type=int, default=20)
+    p.add_argument("--cpu-isas", default=None, metavar="NAMES",
+                   help="time the C++ CPU kernels on these forced paths instead (comma "
+                        "separated JAX_SERVE_CPU_ISA names, or 'all')")
+    p.add_argument("--int8-shapes", default="32x576x1536,32x576x49152", metavar="MxKxN,...",
+                   help="matmul shapes for --cpu-isas")
     a = p.parse_args(argv)
     if a.q_len > a.context_len:
         p.error("--q-len must not exceed --context-len")
+    try:
+        _int8_shapes(a.int8_shapes)
+    except ValueError as e:
+        p.error(str(e))
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if a.cpu_isas:
+        logger.info("%-18s %-14s %-18s %-26s %10s", "kernel", "isa", "path", "shape", "time_us")
+        for r in run_cpu_isas(a):
+            logger.info("%-18s %-14s %-18s %-26s %10.1f", r["kernel"], r["isa"], r["path"],
+                        r["shape"], r["time_us"])
+        return
     logger.info("%-24s %-12s %-22s %10s %12s %10s %8s", "kernel", "backend", "device",
                 "time_us", "bytes", "GB/s", "of_peak")
     for r in run(a):

@@ -1,4 +1,9 @@
-"""tools/bench_kernels.py runs on CPU (xla backend) and knows device peaks."""
+"""tools/bench_kernels.py runs on CPU (xla backend), knows device peaks, and times
+the C++ CPU kernels per code path."""
+
+import pytest
+
+from pallas_kernels.cpu import ffi
 
 from tools import bench_kernels
 
@@ -18,3 +23,15 @@ def test_bench_runs_on_cpu(caplog):
                         "--dtype", "float32"])
     text = caplog.text
     assert "ragged_paged_attention" in text and "write_kv" in text and "n/a" in text
+
+
+@pytest.mark.skipif(not ffi.available(), reason="no C++ compiler to build the CPU kernels")
+def test_bench_times_every_cpu_path(caplog):
+    caplog.set_level("INFO")
+    bench_kernels.main(["--cpu-isas", "all", "--num-seqs", "2", "--context-len", "32",
+                        "--int8-shapes", "2x64x48", "--warmup", "1", "--iters", "2",
+                        "--dtype", "float32"])
+    lines = [ln for ln in caplog.text.splitlines() if "2x64x48" in ln or "2x32" in ln]
+    assert len(lines) == 3 * len(ffi.supported_cpu_isas())
+    assert any("scalar" in ln and "int8_w8a8" in ln for ln in lines)
+    assert ffi.cpu_isa() == ffi.set_cpu_isa()  # the path is back to the default

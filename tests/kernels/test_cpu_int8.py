@@ -1,13 +1,21 @@
-"""The C++ CPU int8 matmul kernel against an exact integer emulation.
+"""The C++ CPU int8 matmul kernels against an exact integer emulation, on every path.
 
-The kernel quantizes activations per row and runs the int8 product with
-AVX-512 VNNI (portable loops without it); the integer part is exact, so it
-must equal numpy's int64 product of the same quantized operands, with the
-same float epilogue. Shapes include K not a multiple of 4 and N not a
-multiple of 16 (packing pads both), and row counts around the 4-row tile.
+The W8A8 kernel quantizes activations per row and runs the int8 product
+(AVX-512 VNNI or VPMADDUBSW, AVX2 with AVX-VNNI or VPMADDUBSW, portable
+loops); the integer part is exact, so it must equal numpy's int64 product of
+the same quantized operands, with the same float epilogue, and every path
+must give the same bits. Shapes include K not a multiple of 4 and N not a
+multiple of 16 (packing pads both; 40, 72 and 100 end inside a block's
+halves), and row counts around the row tiles (4 and 6 rows).
+
+Each comparison runs on every path the CPU has by /proc/cpuinfo, VNNI and
+not, forced at run time: a path the library fails to offer is a failure, not
+a skip. References are computed once per shape and shared by the paths.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -17,9 +25,21 @@ from flax import nnx
 
 from model.quant import int8_matmul, quantize_weight
 from pallas_kernels.cpu import int8 as cpu_int8
+from pallas_kernels.cpu import testing as cpu_testing
 
 pytestmark = pytest.mark.skipif(not cpu_int8.available(),
                                 reason="no C++ compiler to build the CPU kernels")
+
+ISAS = cpu_testing.cpuinfo_isas(vnni_variants=True)
+_int8_matmul = jax.jit(cpu_int8.int8_matmul_cpu)
+_weight_matmul = jax.jit(cpu_int8.int8_weight_matmul_cpu)
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    """Forces one code path for the test (fails where the library lacks it)."""
+    with cpu_testing.forced_isa(request.param) as path:
+        yield path
 
 
 def _emulate(x, q, scale):
@@ -31,35 +51,64 @@ def _emulate(x, q, scale):
     return (acc.astype(np.float32) * xs) * np.asarray(scale, np.float32)[None, :]
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (2, 70, 64), (3, 128, 100), (4, 64, 16),
-                                   (5, 36, 200), (33, 96, 72)])
-def test_equals_integer_emulation(m, k, n):
+@functools.lru_cache(maxsize=None)
+def _w8a8_case(m, k, n):
+    """(x, q, s, packed, colsum, emulation, XLA int8 path) for one shape."""
     rng = np.random.default_rng(m * 1000 + k + n)
     x = rng.standard_normal((m, k)).astype(np.float32)
     x[0, : k // 2] *= 30.0  # a row with outlier channels
     q, s = quantize_weight(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), axis=0)
     packed, colsum = cpu_int8.pack_int8_weight(q)
+    xla = np.asarray(int8_matmul(jnp.asarray(x), q, s))
+    return jnp.asarray(x), q, s, packed, colsum, _emulate(x, q, s), xla
+
+
+W8A8_SHAPES = [(1, 96, 40), (2, 70, 64), (3, 128, 100), (4, 64, 16), (5, 36, 200),
+               (7, 72, 72), (33, 96, 72)]
+
+
+@pytest.mark.parametrize("m,k,n", W8A8_SHAPES)
+def test_equals_integer_emulation(isa, m, k, n):
+    x, q, s, packed, colsum, emulated, xla = _w8a8_case(m, k, n)
     assert packed.shape == (-(-n // 16), -(-k // 4), 64) and colsum.shape == (-(-n // 16) * 16,)
-    y = jax.jit(cpu_int8.int8_matmul_cpu)(jnp.asarray(x), packed, colsum, s)
+    y = _int8_matmul(x, packed, colsum, s)
     assert y.shape == (m, n) and y.dtype == jnp.float32
-    np.testing.assert_allclose(np.asarray(y), _emulate(x, q, s), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(y), emulated, rtol=1e-6, atol=1e-6)
     # and the XLA int8 path computes the same product
-    np.testing.assert_allclose(np.asarray(y), np.asarray(int8_matmul(jnp.asarray(x), q, s)),
-                               rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(np.asarray(y), xla, rtol=1e-5, atol=1e-5)
 
 
-def test_rows_do_not_depend_on_the_batch():
+def test_every_path_gives_the_same_bits():
+    """Exact integers and one float epilogue: the paths agree bit for bit,
+    weights of -128 included (|w| = 128 in VPMADDUBSW's unsigned operand)."""
+    rng = np.random.default_rng(7)
+    m, k, n = 13, 200, 120
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32).at[3].mul(50.0)
+    q = jnp.asarray(rng.integers(-128, 128, (k, n)), jnp.int8).at[:8].set(-128)
+    s = jnp.asarray(rng.uniform(0.01, 0.02, n), jnp.float32)
+    packed, colsum = cpu_int8.pack_int8_weight(q)
+    emulated = _emulate(x, q, s)
+    outs = {}
+    for name in ISAS:
+        with cpu_testing.forced_isa(name):
+            outs[name] = np.asarray(_int8_matmul(x, packed, colsum, s))
+        np.testing.assert_allclose(outs[name], emulated, rtol=1e-6, atol=1e-6, err_msg=name)
+    for name in ISAS:
+        np.testing.assert_array_equal(outs[name], outs[ISAS[0]], err_msg=name)
+
+
+def test_rows_do_not_depend_on_the_batch(isa):
     rng = np.random.default_rng(0)
     x = jnp.asarray(rng.standard_normal((9, 64)), jnp.float32).at[2].mul(100.0)
     q, s = quantize_weight(jnp.asarray(rng.standard_normal((64, 48)), jnp.float32), axis=0)
     packed, colsum = cpu_int8.pack_int8_weight(q)
-    full = np.asarray(cpu_int8.int8_matmul_cpu(x, packed, colsum, s))
+    full = np.asarray(_int8_matmul(x, packed, colsum, s))
     for i in range(9):
-        one = np.asarray(cpu_int8.int8_matmul_cpu(x[i:i + 1], packed, colsum, s))
+        one = np.asarray(_int8_matmul(x[i:i + 1], packed, colsum, s))
         np.testing.assert_array_equal(one[0], full[i])
 
 
-def test_zero_rows_and_leading_dims():
+def test_zero_rows_and_leading_dims(isa):
     q, s = quantize_weight(jnp.ones((8, 16), jnp.float32), axis=0)
     packed, colsum = cpu_int8.pack_int8_weight(q)
     y = cpu_int8.int8_matmul_cpu(jnp.zeros((2, 3, 8), jnp.float32), packed, colsum, s)
@@ -73,19 +122,31 @@ def test_rejects_mismatched_weight():
         cpu_int8.int8_matmul_cpu(jnp.ones((1, 12), jnp.float32), packed, colsum, s)
 
 
-@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (3, 64, 16), (6, 72, 200), (10, 40, 96),
-                                   (11, 72, 200), (33, 40, 96)])
-def test_weight_only_equals_float_of_dequantized(m, k, n):
+@functools.lru_cache(maxsize=None)
+def _weight_only_case(m, k, n):
     rng = np.random.default_rng(m + k + n)
     x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
     q, s = quantize_weight(jnp.asarray(rng.standard_normal((k, n)), jnp.float32), axis=0)
-    w = cpu_int8.pad_int8_weight(q)
-    assert w.shape == (k, -(-n // 16) * 16)
-    y = jax.jit(cpu_int8.int8_weight_matmul_cpu)(x, w, s)
     ref = np.asarray(x, np.float64) @ (np.asarray(q, np.float64) * np.asarray(s, np.float64))
+    return x, q, s, cpu_int8.pad_int8_weight(q), ref
+
+
+@pytest.mark.parametrize("m,k,n", [(1, 96, 40), (3, 64, 16), (6, 72, 200), (10, 40, 96),
+                                   (11, 72, 200), (33, 40, 96)])
+def test_weight_only_equals_float_of_dequantized(isa, m, k, n):
+    x, q, s, w, ref = _weight_only_case(m, k, n)
+    assert w.shape == (k, -(-n // 16) * 16)
+    y = _weight_matmul(x, w, s)
     np.testing.assert_allclose(np.asarray(y), ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="does not fit"):
         cpu_int8.int8_weight_matmul_cpu(x[:, :-1], w, s)
+
+
+def test_weight_only_with_a_page_sized_row_stride(isa):
+    """Np a multiple of 4 KiB (rows alias in the caches; the kernel copies a
+    tile's columns first) and more rows than one row tile."""
+    x, q, s, w, ref = _weight_only_case(9, 24, 4096)
+    np.testing.assert_allclose(np.asarray(_weight_matmul(x, w, s)), ref, rtol=1e-4, atol=1e-4)
 
 
 def test_packed_qwen2_with_qkv_bias_tracks_float(tmp_path):

@@ -19,7 +19,10 @@
 // (a third of a SmolLM2 decode step). Here weights are read once, in place.
 // Work is split over 64-column tiles on XLA's intra-op pool; every output
 // element's arithmetic is exact integers plus a fixed float epilogue, so it
-// does not depend on the batch or the split.
+// does not depend on the batch, the split or the code path. The path is
+// chosen per call from the CPU's features (cpu_isa.h; JAX_SERVE_CPU_ISA forces
+// one): AVX-512 with VNNI's vpdpbusd (or AVX512-BW's vpmaddubsw), AVX2 with
+// AVX-VNNI's ymm vpdpbusd (or vpmaddubsw), or portable loops.
 
 #include <algorithm>
 #include <cmath>
@@ -28,9 +31,9 @@
 #include <type_traits>
 #include <vector>
 
-#if defined(__AVX512F__) && defined(__AVX512VNNI__) && defined(__AVX512BW__)
+#include "cpu_isa.h"
+#ifdef JAX_SERVE_X86
 #include <immintrin.h>
-#define JAX_SERVE_VNNI 1
 #endif
 
 #include "parallel_for.h"
@@ -42,11 +45,9 @@ namespace {
 
 constexpr int kLanes = 16;     // output columns per packed block
 constexpr int kTileBlocks = 4;  // blocks per work item (64 columns)
-constexpr int kRowTile = 4;     // rows sharing each weight load
-constexpr int kWoRowTile = 6;   // the same for the weight-only kernel
 
 struct Problem {
-  const uint8_t* xq;     // [M, Kq * 4] x + 128
+  const uint8_t* xq;     // [M, Kq * 4] x + 128 (VNNI, portable) or x (int8 bits)
   const float* xs;       // [M]
   const int8_t* w;       // [Nb, Kq, 64]
   const int32_t* colsum;  // [Nb * 16]
@@ -54,138 +55,6 @@ struct Problem {
   float* y;              // [M, N]
   int64_t m, n, kq, nb;
 };
-
-// Rows [0, m) in tiles of RowTile, then one tile of the 1-(RowTile - 1) left over:
-// tile(std::integral_constant<int, R>{}, r0) handles rows [r0, r0 + R).
-template <int RowTile = kRowTile, typename Tile>
-inline void for_row_tiles(int64_t m, Tile tile) {
-  static_assert(RowTile >= 4 && RowTile <= 8, "remainder tiles cover 1-7 rows");
-  int64_t r = 0;
-  for (; r + RowTile <= m; r += RowTile) tile(std::integral_constant<int, RowTile>{}, r);
-  switch (m - r) {
-    case 7: if constexpr (RowTile > 7) tile(std::integral_constant<int, 7>{}, r); break;
-    case 6: if constexpr (RowTile > 6) tile(std::integral_constant<int, 6>{}, r); break;
-    case 5: if constexpr (RowTile > 5) tile(std::integral_constant<int, 5>{}, r); break;
-    case 4: if constexpr (RowTile > 4) tile(std::integral_constant<int, 4>{}, r); break;
-    case 3: tile(std::integral_constant<int, 3>{}, r); break;
-    case 2: tile(std::integral_constant<int, 2>{}, r); break;
-    case 1: tile(std::integral_constant<int, 1>{}, r); break;
-    default: break;
-  }
-}
-
-#ifdef JAX_SERVE_VNNI
-template <int R, int B>
-inline void micro_tile(const Problem& p, int64_t r0, int64_t b0) {
-  __m512i acc[R][B];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_si512();
-  const int8_t* wb[B];
-  for (int b = 0; b < B; ++b) wb[b] = p.w + (b0 + b) * p.kq * 64;
-  const int64_t xstride = p.kq * 4;
-  for (int64_t kk = 0; kk < p.kq; ++kk) {
-    __m512i wv[B];
-    for (int b = 0; b < B; ++b) wv[b] = _mm512_loadu_si512(wb[b] + kk * 64);
-    for (int r = 0; r < R; ++r) {
-      int32_t xv;
-      std::memcpy(&xv, p.xq + (r0 + r) * xstride + kk * 4, 4);
-      const __m512i xb = _mm512_set1_epi32(xv);
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_dpbusd_epi32(acc[r][b], xb, wv[b]);
-    }
-  }
-  for (int b = 0; b < B; ++b) {
-    const int64_t col = (b0 + b) * kLanes;
-    const int64_t valid = std::min<int64_t>(kLanes, p.n - col);
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512i offset = _mm512_slli_epi32(_mm512_loadu_si512(p.colsum + col), 7);  // 128 * colsum
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, p.ws + col);
-    for (int r = 0; r < R; ++r) {
-      const __m512 v = _mm512_cvtepi32_ps(_mm512_sub_epi32(acc[r][b], offset));
-      const __m512 out = _mm512_mul_ps(_mm512_mul_ps(v, _mm512_set1_ps(p.xs[r0 + r])), ws);
-      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + col, mask, out);
-    }
-  }
-}
-
-template <int B>
-inline void rows_tile(const Problem& p, int64_t b0) {
-  for_row_tiles(p.m, [&](auto rows, int64_t r0) { micro_tile<decltype(rows)::value, B>(p, r0, b0); });
-}
-#endif
-
-// Portable fallback: the same integer arithmetic, one block at a time.
-void generic_tile(const Problem& p, int64_t b0, int64_t blocks) {
-  const int64_t xstride = p.kq * 4;
-  for (int64_t b = b0; b < b0 + blocks; ++b) {
-    const int8_t* wb = p.w + b * p.kq * 64;
-    for (int64_t r = 0; r < p.m; ++r) {
-      int32_t acc[kLanes] = {0};
-      const uint8_t* xr = p.xq + r * xstride;
-      for (int64_t kk = 0; kk < p.kq; ++kk)
-        for (int l = 0; l < kLanes; ++l)
-          for (int j = 0; j < 4; ++j)
-            acc[l] += static_cast<int32_t>(xr[kk * 4 + j]) * wb[kk * 64 + l * 4 + j];
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t col = b * kLanes + l;
-        if (col >= p.n) break;
-        const float v = static_cast<float>(acc[l] - 128 * p.colsum[col]);
-        p.y[r * p.n + col] = v * p.xs[r] * p.ws[col];
-      }
-    }
-  }
-}
-
-void run_tile(const Problem& p, int64_t tile) {
-  const int64_t b0 = tile * kTileBlocks;
-  const int64_t blocks = std::min<int64_t>(kTileBlocks, p.nb - b0);
-#ifdef JAX_SERVE_VNNI
-  switch (blocks) {
-    case 4: rows_tile<4>(p, b0); return;
-    case 3: rows_tile<3>(p, b0); return;
-    case 2: rows_tile<2>(p, b0); return;
-    case 1: rows_tile<1>(p, b0); return;
-    default: return;
-  }
-#else
-  generic_tile(p, b0, blocks);
-#endif
-}
-
-ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
-                          ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> colsum,
-                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
-  auto xd = x.dimensions();
-  auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 64)
-    return ffi::Error::InvalidArgument("int8_matmul_cpu: x must be [M, K], w [N/16, K/4, 64]");
-  const int64_t m = xd[0], k = xd[1], nb = wd[0], kq = wd[1];
-  const int64_t n = w_scale.dimensions()[0];
-  if (kq * 4 < k || kq * 4 >= k + 4 || nb * kLanes < n || nb * kLanes >= n + kLanes ||
-      colsum.dimensions()[0] != nb * kLanes)
-    return ffi::Error::InvalidArgument("int8_matmul_cpu: packed weight does not match x / scale");
-
-  // Per-row symmetric int8 (round half to even), stored as x + 128.
-  std::vector<uint8_t> xq(m * kq * 4, 128);
-  std::vector<float> xs(m);
-  const float* xp = x.typed_data();
-  for (int64_t r = 0; r < m; ++r) {
-    const float* row = xp + r * k;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < k; ++i) amax = std::max(amax, std::fabs(row[i]));
-    const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
-    xs[r] = scale;
-    uint8_t* dst = xq.data() + r * kq * 4;
-    for (int64_t i = 0; i < k; ++i) {
-      const float q = std::min(127.0f, std::max(-127.0f, std::nearbyint(row[i] / scale)));
-      dst[i] = static_cast<uint8_t>(static_cast<int32_t>(q) + 128);
-    }
-  }
-  Problem p{xq.data(), xs.data(), w.typed_data(), colsum.typed_data(), w_scale.typed_data(),
-            y->typed_data(), m, n, kq, nb};
-  const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
-  jax_serve::parallel_for(pool, tiles, [&p](int64_t t) { run_tile(p, t); });
-  return ffi::Error::Success();
-}
 
 // ---- weight-only int8 (float32 activations) ---------------------------------
 //
@@ -205,51 +74,87 @@ struct WoProblem {
   int64_t m, k, n, np;
 };
 
-template <int R, int B>
-inline void wo_tile(const WoProblem& p, int64_t r0, int64_t b0) {
-#ifdef JAX_SERVE_VNNI
-  __m512 acc[R][B];
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b) acc[r][b] = _mm512_setzero_ps();
-  const int8_t* wcol = p.w + b0 * kLanes;
-  for (int64_t kk = 0; kk < p.k; ++kk) {
-    __m512 wv[B];
-    for (int b = 0; b < B; ++b)
-      wv[b] = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(
-          _mm_loadu_si128(reinterpret_cast<const __m128i*>(wcol + kk * p.np + b * kLanes))));
-    for (int r = 0; r < R; ++r) {
-      const __m512 xb = _mm512_set1_ps(p.x[(r0 + r) * p.k + kk]);
-      for (int b = 0; b < B; ++b) acc[r][b] = _mm512_fmadd_ps(xb, wv[b], acc[r][b]);
-    }
-  }
-  for (int b = 0; b < B; ++b) {
-    const int64_t col = (b0 + b) * kLanes;
-    const int64_t valid = std::min<int64_t>(kLanes, p.n - col);
-    const __mmask16 mask = static_cast<__mmask16>((1u << valid) - 1u);
-    const __m512 ws = _mm512_maskz_loadu_ps(mask, p.ws + col);
-    for (int r = 0; r < R; ++r)
-      _mm512_mask_storeu_ps(p.y + (r0 + r) * p.n + col, mask, _mm512_mul_ps(acc[r][b], ws));
-  }
-#else
-  for (int r = 0; r < R; ++r)
-    for (int b = 0; b < B; ++b)
-      for (int l = 0; l < kLanes; ++l) {
-        const int64_t col = (b0 + b) * kLanes + l;
-        if (col >= p.n) continue;
-        float a = 0.0f;
-        for (int64_t kk = 0; kk < p.k; ++kk)
-          a += p.x[(r0 + r) * p.k + kk] * static_cast<float>(p.w[kk * p.np + col]);
-        p.y[(r0 + r) * p.n + col] = a * p.ws[col];
-      }
+// The weight columns of one work item: block b's column l at row kk is
+// block(b)[kk * stride + l]. Either W itself (stride Np) or a copy of the
+// item's columns, rows packed back to back (see Int8WeightMatmulImpl).
+struct WoPanel {
+  const int8_t* w;  // column b0 * 16 of row 0
+  int64_t stride;   // bytes between rows
+  int64_t b0;
+  const int8_t* block(int64_t b) const { return w + (b - b0) * kLanes; }
+};
+
+// One copy of the kernels per code path (int8_matmul_body.inc), each in its
+// own namespace and compiled for its instruction set; baseline code around
+// them (the handlers, std::vector's members) runs on any CPU.
+namespace scalar {
+#include "int8_matmul_body.inc"
+}  // namespace scalar
+
+#ifdef JAX_SERVE_X86
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+namespace avx2 {
+#define JAX_SERVE_BODY_AVX2 1
+#include "int8_matmul_body.inc"
+#undef JAX_SERVE_BODY_AVX2
+}  // namespace avx2
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")
+namespace avx512 {
+#define JAX_SERVE_BODY_AVX512 1
+#include "int8_matmul_body.inc"
+#undef JAX_SERVE_BODY_AVX512
+}  // namespace avx512
+#pragma GCC pop_options
 #endif
+
+struct Kernels {
+  void (*quantize_rows)(const float*, int64_t, int64_t, int64_t, bool, uint8_t*, float*);
+  void (*run_tile)(const Problem&, int64_t, int64_t, bool);
+  void (*wo_run_tile)(const WoProblem&, const WoPanel&, int64_t, int64_t);
+};
+
+Kernels kernels(jax_serve::Isa isa) {
+#ifdef JAX_SERVE_X86
+  if (isa.level == jax_serve::kAvx512)
+    return {avx512::quantize_rows, avx512::run_tile, avx512::wo_run_tile};
+  if (isa.level == jax_serve::kAvx2) return {avx2::quantize_rows, avx2::run_tile, avx2::wo_run_tile};
+#endif
+  (void)isa;
+  return {scalar::quantize_rows, scalar::run_tile, scalar::wo_run_tile};
 }
 
-template <int B>
-inline void wo_rows(const WoProblem& p, int64_t b0) {
-  // 6 rows x 4 blocks: 24 accumulators; each widened weight vector feeds 6 FMAs
-  for_row_tiles<kWoRowTile>(p.m, [&](auto rows, int64_t r0) {
-    wo_tile<decltype(rows)::value, B>(p, r0, b0);
+ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
+                          ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> colsum,
+                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 64)
+    return ffi::Error::InvalidArgument("int8_matmul_cpu: x must be [M, K], w [N/16, K/4, 64]");
+  const int64_t m = xd[0], k = xd[1], nb = wd[0], kq = wd[1];
+  const int64_t n = w_scale.dimensions()[0];
+  if (kq * 4 < k || kq * 4 >= k + 4 || nb * kLanes < n || nb * kLanes >= n + kLanes ||
+      colsum.dimensions()[0] != nb * kLanes)
+    return ffi::Error::InvalidArgument("int8_matmul_cpu: packed weight does not match x / scale");
+
+  const jax_serve::Isa isa = jax_serve::current_isa();
+  const Kernels kern = kernels(isa);
+  std::vector<uint8_t> xq(m * kq * 4);
+  std::vector<float> xs(m);
+  // VNNI and the portable loops take x + 128; vpmaddubsw's paths take x.
+  const bool signed_x = isa.level != jax_serve::kScalar && !isa.vnni;
+  kern.quantize_rows(x.typed_data(), m, k, kq, signed_x, xq.data(), xs.data());
+  Problem p{xq.data(), xs.data(), w.typed_data(), colsum.typed_data(), w_scale.typed_data(),
+            y->typed_data(), m, n, kq, nb};
+  const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
+  jax_serve::parallel_for(pool, tiles, [&p, kern, isa, nb](int64_t t) {
+    const int64_t b0 = t * kTileBlocks;
+    kern.run_tile(p, b0, std::min<int64_t>(kTileBlocks, nb - b0), isa.vnni);
   });
+  return ffi::Error::Success();
 }
 
 ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
@@ -266,15 +171,27 @@ ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
               xd[0], xd[1], n, wd[1]};
   const int64_t nb = wd[1] / kLanes;
   const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
-  jax_serve::parallel_for(pool, tiles, [&p, nb](int64_t t) {
-    const int64_t b0 = t * kTileBlocks;
-    switch (std::min<int64_t>(kTileBlocks, nb - b0)) {
-      case 4: wo_rows<4>(p, b0); return;
-      case 3: wo_rows<3>(p, b0); return;
-      case 2: wo_rows<2>(p, b0); return;
-      case 1: wo_rows<1>(p, b0); return;
-      default: return;
+  const jax_serve::Isa isa = jax_serve::current_isa();
+  const Kernels kern = kernels(isa);
+  // A tile's columns are 64 bytes of rows Np bytes apart: with Np a multiple
+  // of 4 KiB (49152 for a vocabulary-sized N) every row maps to the same L1
+  // set and a few L2 sets, so a pass over K evicts its own lines. Passes that
+  // read each line once (AVX-512 with one row tile: all 4 blocks per pass)
+  // read W in place; the rest first copy the tile's columns back to back.
+  const bool pack = !(isa.level == jax_serve::kAvx512 && p.m <= 6);
+  jax_serve::parallel_for(pool, tiles, [&p, kern, nb, pack](int64_t t) {
+    const int64_t b0 = t * kTileBlocks, blocks = std::min<int64_t>(kTileBlocks, nb - b0);
+    const int8_t* src = p.w + b0 * kLanes;
+    if (!pack) {
+      kern.wo_run_tile(p, WoPanel{src, p.np, b0}, b0, blocks);
+      return;
     }
+    thread_local std::vector<int8_t> panel;
+    const int64_t width = blocks * kLanes;
+    panel.resize(p.k * width);
+    for (int64_t kk = 0; kk < p.k; ++kk)
+      std::memcpy(panel.data() + kk * width, src + kk * p.np, width);
+    kern.wo_run_tile(p, WoPanel{panel.data(), width, b0}, b0, blocks);
   });
   return ffi::Error::Success();
 }
