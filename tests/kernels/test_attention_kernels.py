@@ -8,6 +8,11 @@ lengths (1, exactly a page, a page plus one, several pages), mixed
 prefill + chunked-prefill + decode batches with padding sequences and padding
 tokens, sliding window and soft-cap — a covering set, not the full product.
 
+``JAX_SERVE_GPU_TESTS=1`` adds the GPU kernel compiled for the device (Triton,
+``interpret=False``) to the same cases, as kernel ``gpu_compiled`` and backend
+``pallas_gpu_compiled``; they skip unless ``jax.default_backend() == "gpu"``.
+Select them with ``-k gpu_compiled`` (``tools/device_check.sh`` does).
+
 Tolerances (max abs error over valid rows, outputs ~N(0, 1/len)):
 * float32: 2e-5 abs + 2e-5 rel — both sides accumulate in float32.
 * bfloat16: 3e-2 abs + 3e-2 rel — the kernels feed bf16 probabilities to the
@@ -17,6 +22,7 @@ Tolerances (max abs error over valid rows, outputs ~N(0, 1/len)):
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -43,7 +49,17 @@ def _run_gpu(*args, **kw):
     return ragged_paged_attention_gpu(*args, **kw, interpret=True)
 
 
-KERNELS = {"tpu": _run_tpu, "gpu": _run_gpu}
+def _run_gpu_compiled(*args, **kw):
+    return ragged_paged_attention_gpu(*args, **kw, interpret=False)
+
+
+KERNELS = {"tpu": _run_tpu, "gpu": _run_gpu, "gpu_compiled": _run_gpu_compiled}
+GPU_TESTS = os.environ.get("JAX_SERVE_GPU_TESTS") == "1"
+_ON_GPU = pytest.mark.skipif(
+    not GPU_TESTS or jax.default_backend() != "gpu",
+    reason="JAX_SERVE_GPU_TESTS=1 needs a GPU as the default JAX backend")
+KERNEL_NAMES = ["tpu", "gpu"] + (
+    [pytest.param("gpu_compiled", marks=_ON_GPU)] if GPU_TESTS else [])
 
 
 def _mixed_lens(ps):
@@ -81,7 +97,7 @@ SLOW = [
 ]
 
 
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("ps,group,head_dim,dtype,window,cap", FAST)
 def test_mixed_batch(kernel, ps, group, head_dim, dtype, window, cap):
     q_lens, kv_lens = _mixed_lens(ps)
@@ -92,7 +108,7 @@ def test_mixed_batch(kernel, ps, group, head_dim, dtype, window, cap):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 @pytest.mark.parametrize("ps,group,head_dim,dtype,window,cap", SLOW)
 def test_mixed_batch_more_configs(kernel, ps, group, head_dim, dtype, window, cap):
     q_lens, kv_lens = _mixed_lens(ps)
@@ -101,7 +117,7 @@ def test_mixed_batch_more_configs(kernel, ps, group, head_dim, dtype, window, ca
     _check(kernel, case, dtype, sliding_window=window, soft_cap=cap)
 
 
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 def test_decode_only_default_tiling(kernel):
     """SmolLM2-like heads (9 q / 3 kv), decode batch, default tiles."""
     case = make_attention_case([1, 1, 1], [1, 16, 17], page_size=16, num_kv_heads=3,
@@ -110,7 +126,7 @@ def test_decode_only_default_tiling(kernel):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kernel", ["tpu", "gpu"])
+@pytest.mark.parametrize("kernel", KERNEL_NAMES)
 def test_long_prefill_small_tiles(kernel):
     """A prefill longer than a query block, pages_per_block not dividing the table."""
     case = make_attention_case([19, 1], [19, 40], page_size=16, num_kv_heads=2,
@@ -119,7 +135,8 @@ def test_long_prefill_small_tiles(kernel):
            pages_per_block=2)
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas_tpu_interpret", "pallas_gpu_interpret"])
+@pytest.mark.parametrize("backend", ["xla", "pallas_tpu_interpret", "pallas_gpu_interpret"] + (
+    [pytest.param("pallas_gpu", id="pallas_gpu_compiled", marks=_ON_GPU)] if GPU_TESTS else []))
 def test_dispatch_under_jit(backend):
     case = make_attention_case([3, 1], [18, 16], page_size=16, num_kv_heads=2, group=2,
                                head_dim=64)
