@@ -1,10 +1,13 @@
 """Tokenizer loading for the three model formats.
 
 - ``hf`` and ``orbax`` folders hold tokenizer files: ``AutoTokenizer``.
-- ``gguf``: transformers builds the tokenizer from the GGUF metadata
-  (``gguf_file=``); this is slow (seconds), so results are cached per file.
-  The chat template comes from the metadata key ``tokenizer.chat_template``
-  when transformers leaves it unset.
+- ``gguf``: ``model.gguf_tokenizer`` builds it straight from the file's
+  ``tokenizer.*`` metadata (the same tokenizer transformers builds, in about a
+  second instead of tens of seconds) and caches it on disk; kinds it does not
+  support fall back, with a warning, to transformers' own GGUF path
+  (``gguf_file=``), which is slow. Either way the result is also kept in
+  memory per file version. The chat template comes from the metadata key
+  ``tokenizer.chat_template``.
 """
 
 from __future__ import annotations
@@ -60,17 +63,29 @@ def _single_gguf(p: Path) -> Path:
 @functools.lru_cache(maxsize=8)
 def _gguf_tokenizer(file: str, mtime_ns: int):
     """Builds (once per file version) the tokenizer of a GGUF file."""
+    from model.gguf_tokenizer import UnsupportedTokenizer, load_gguf_tokenizer
+
+    del mtime_ns  # part of the cache key only
+    try:
+        tokenizer = load_gguf_tokenizer(file)
+    except UnsupportedTokenizer as err:
+        logger.warning("%s: %s; building the tokenizer with transformers instead (slow)", file, err)
+        tokenizer = _transformers_gguf_tokenizer(file)
+    logger.info("loaded GGUF tokenizer %s (chat template: %s)", file,
+                "yes" if tokenizer.chat_template else "no")
+    return tokenizer
+
+
+def _transformers_gguf_tokenizer(file: str):
+    """transformers' own GGUF tokenizer (reads the whole file's metadata; slow)."""
     from transformers import AutoTokenizer
 
     from model.gguf import open_gguf, read_field
 
-    del mtime_ns  # part of the cache key only
     folder, name = os.path.split(file)
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
     if not getattr(tokenizer, "chat_template", None):
         template = read_field(open_gguf(file), GGUF_CHAT_TEMPLATE_KEY)
         if template:
             tokenizer.chat_template = template
-    logger.info("loaded GGUF tokenizer %s (chat template: %s)", file,
-                "yes" if tokenizer.chat_template else "no")
     return tokenizer
