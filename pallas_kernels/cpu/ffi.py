@@ -19,13 +19,16 @@ variable forces one of ``ISAS``:
 
 - ``avx512``, ``avx2``: that path, with its VNNI dot product if the CPU has it;
 - ``avx512-novnni``, ``avx2-novnni``: that path with the ``vpmaddubsw`` int8
-  dot product (what Skylake-X and Zen 3 run);
+  dot product, as the plain names run on CPUs without VNNI (Skylake-X, Zen 3);
+  forcing it tests that code on CPUs with VNNI;
 - ``scalar``: the portable loops (what non-x86 machines always run).
 
 A forced path the CPU lacks is logged as a warning and downgraded to the
 best one below it; an unknown value is a ``ValueError``. ``set_cpu_isa``
 switches paths at run time (tests, benchmarks) and raises for a path the CPU
-lacks; ``cpu_isa()`` names the path that runs.
+lacks; ``cpu_isa()`` names the path that runs. The per-path compilation uses
+GCC's target pragmas (g++ 9 or later); another compiler's errors show in
+``build_error()``.
 """
 
 from __future__ import annotations

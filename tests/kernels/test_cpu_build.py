@@ -61,14 +61,16 @@ def test_compiler_errors_are_reported(tmp_path, monkeypatch):
 
 
 @needs_build
-def test_portable_configuration_compiles():
-    """The sources with the x86 paths compiled out, as on aarch64."""
+@pytest.mark.parametrize("config", ["-DJAX_SERVE_PORTABLE_ONLY", "-DJAX_SERVE_NO_AVX_VNNI"])
+def test_reduced_configurations_compile(config):
+    """The sources with the x86 paths compiled out (as on aarch64), and
+    without AVX-VNNI (as with GCC before 11)."""
     for src in ffi._sources():
         proc = subprocess.run(
-            [ffi._compiler(), "-std=c++17", "-fsyntax-only", "-DJAX_SERVE_PORTABLE_ONLY",
+            [ffi._compiler(), "-std=c++17", "-O0", "-c", "-o", os.devnull, config,
              "-I", jax.ffi.include_dir(), "-I", str(ffi._CSRC), str(src)],
             capture_output=True, text=True, timeout=300)
-        assert proc.returncode == 0, f"{src.name}:\n{proc.stderr}"
+        assert proc.returncode == 0, f"{src.name} {config}:\n{proc.stderr}"
 
 
 def test_isa_resolution():

@@ -20,11 +20,14 @@ int detect_features() {
       __builtin_cpu_supports("avx512dq"))
     f |= kFeatAvx512;
   if ((f & kFeatAvx512) && __builtin_cpu_supports("avx512vnni")) f |= kFeatAvx512Vnni;
+#ifdef JAX_SERVE_AVX_VNNI
   // AVX-VNNI is CPUID.(EAX=7, ECX=1):EAX bit 4 (older compilers lack the
   // __builtin_cpu_supports name); it needs only the ymm state checked above.
+  // Reported only when this build has the code for it.
   unsigned a = 0, b = 0, c = 0, d = 0;
   if ((f & kFeatAvx2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4)))
     f |= kFeatAvxVnni;
+#endif
 #endif
   return f;
 }

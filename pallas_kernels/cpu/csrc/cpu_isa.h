@@ -12,6 +12,13 @@
 
 #if defined(__x86_64__) && !defined(JAX_SERVE_PORTABLE_ONLY)
 #define JAX_SERVE_X86 1
+// AVX-VNNI (vpdpbusd on ymm, VEX) needs GCC 11 / its avxvnniintrin.h; older
+// compilers build the AVX2 path with vpmaddubsw only.
+#if defined(__has_include) && !defined(JAX_SERVE_NO_AVX_VNNI)
+#if __has_include(<avxvnniintrin.h>)
+#define JAX_SERVE_AVX_VNNI 1
+#endif
+#endif
 #endif
 
 namespace jax_serve {
