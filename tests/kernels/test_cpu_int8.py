@@ -143,7 +143,7 @@ def test_weight_only_equals_float_of_dequantized(isa, m, k, n):
 
 
 def test_weight_only_with_a_page_sized_row_stride(isa):
-    """Np a multiple of 4 KiB (rows alias in the caches; the kernel copies a
+    """Np a multiple of 2 KiB (rows alias in the caches; the kernel copies a
     tile's columns first) and more rows than one row tile."""
     x, q, s, w, ref = _weight_only_case(9, 24, 4096)
     np.testing.assert_allclose(np.asarray(_weight_matmul(x, w, s)), ref, rtol=1e-4, atol=1e-4)
