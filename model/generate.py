@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from model import api
+from model import api, stacked
 from model.attention import KVCache
 from model.ragged import pack_ragged
 
@@ -28,7 +28,8 @@ def _step(graphdef, state, input_ids, positions, kv_cache, md):
 
 
 def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, page_size: int = 16,
-                    *, eos_token_ids: Sequence[int] | None = None, seed: int = 0) -> list[int]:
+                    *, eos_token_ids: Sequence[int] | None = None, seed: int = 0,
+                    stacked_layers: bool = False) -> list[int]:
     """Greedy decoding of one prompt.
 
     Args:
@@ -39,6 +40,9 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, page_
       eos_token_ids: stop after any of these; default the config's eos ids
         (pass ``()`` to never stop early).
       seed: shuffles the page ids.
+      stacked_layers: run the layers as the engine does (one loop over stacked
+        weights) rather than unrolled; bfloat16 results can differ in the last
+        bit between the two (XLA fuses differently).
 
     Returns:
       The generated token ids (without the prompt; the eos token included).
@@ -47,6 +51,8 @@ def greedy_generate(model, prompt_ids: Sequence[int], max_new_tokens: int, page_
         graphdef, state, config = model
     else:
         graphdef, state, config = model.graphdef, model.state, model.config
+    if stacked_layers:  # the engine's form: layers as one loop (model/stacked.py)
+        graphdef, state = stacked.stack(graphdef, state)
     if eos_token_ids is None:
         eos_token_ids = config.eos_token_ids
     prompt = list(prompt_ids)

@@ -34,6 +34,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from model.layers import Embedding, Linear
+from model.stacked import InPlace, stack_index
 
 QUANTIZATIONS = ("w8a8_int8",)
 
@@ -128,15 +129,18 @@ class PackedInt8Linear(nnx.Module):
         self.out_shape = tuple(w.shape[1:])
         q, s = quantize_weight(w.reshape(w.shape[0], -1), axis=0)
         packed, colsum = pack_int8_weight(q)
-        self.kernel = nnx.Param(packed)
-        self.colsum = nnx.Param(colsum)  # [ceil(N/16) * 16] int32
-        self.scale = nnx.Param(s)  # [N] float32
+        # read in place from the layer stack (model/stacked.py): no copy per layer
+        self.kernel = InPlace(packed)
+        self.colsum = InPlace(colsum)  # [ceil(N/16) * 16] int32
+        self.scale = InPlace(s)  # [N] float32
         self.bias = _copy_bias(linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         from pallas_kernels.cpu.int8 import int8_matmul_cpu
 
-        y = int8_matmul_cpu(x, self.kernel[...], self.colsum[...], self.scale[...])
+        kernel = self.kernel[...]
+        layer = stack_index() if kernel.ndim == 4 else None  # stacked: [groups, ...]
+        y = int8_matmul_cpu(x, kernel, self.colsum[...], self.scale[...], layer=layer)
         return _add_bias(y.astype(x.dtype).reshape(*x.shape[:-1], *self.out_shape), self.bias)
 
 
@@ -154,14 +158,16 @@ class WeightOnlyInt8Linear(nnx.Module):
         w = linear.kernel[...]
         self.out_shape = tuple(w.shape[1:])
         q, s = quantize_weight(w.reshape(w.shape[0], -1), axis=0)
-        self.kernel = nnx.Param(pad_int8_weight(q))
-        self.scale = nnx.Param(s)  # [N] float32
+        self.kernel = InPlace(pad_int8_weight(q))  # read in place from the layer stack
+        self.scale = InPlace(s)  # [N] float32
         self.bias = _copy_bias(linear)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         from pallas_kernels.cpu.int8 import int8_weight_matmul_cpu
 
-        y = int8_weight_matmul_cpu(x, self.kernel[...], self.scale[...])
+        kernel = self.kernel[...]
+        layer = stack_index() if kernel.ndim == 3 else None  # stacked: [groups, K, Np]
+        y = int8_weight_matmul_cpu(x, kernel, self.scale[...], layer=layer)
         return _add_bias(y.astype(x.dtype).reshape(*x.shape[:-1], *self.out_shape), self.bias)
 
 

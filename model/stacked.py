@@ -30,6 +30,25 @@ from flax import nnx
 from model.attention import AttentionMetadata, KVCache
 
 
+class InPlace(nnx.Param):
+    """A weight whose kernel reads it straight from its stack (``[groups, ...]``).
+
+    Inside the loop every other weight is sliced (``a[g]``), which XLA copies
+    when the consumer is a custom call (the C++ int8 kernel): ~10 ms per
+    SmolLM2 step. A module whose kernel takes a stack and a layer index
+    stores its weights as ``InPlace`` and calls ``stack_index()`` for the
+    index when its weight has the extra leading axis.
+    """
+
+
+_STACK_INDEX: list = []  # trace-time: the loop index of the body being traced
+
+
+def stack_index():
+    """The traced group index inside the layer loop's body (None outside it)."""
+    return _STACK_INDEX[-1] if _STACK_INDEX else None
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerScan:
     """Static structure of a stacked model (hashable: a jit static argument).
@@ -68,8 +87,8 @@ def _split_layers(graphdef, state):
     layers = list(model.layers)
     model.layers = nnx.List([])
     rest_gd, rest_state = nnx.split(model)
-    splits = [nnx.split(layer) for layer in layers]
-    return rest_gd, rest_state, [g for g, _ in splits], [s for _, s in splits]
+    splits = [nnx.split(layer, InPlace, ...) for layer in layers]
+    return rest_gd, rest_state, [g for g, *_ in splits], [tuple(s) for _, *s in splits]
 
 
 def _stack_leaves(leaves: list, donate: bool):
@@ -99,9 +118,10 @@ def stack(graphdef, state, *, donate: bool = False) -> tuple[LayerScan, dict]:
         ``state`` afterwards.
 
     Returns:
-      ``(scan, params)``: ``params = {"rest": State, "body": (State,) * period,
-      "tail": (State,) * len(tail)}``; body states have a leading axis of
-      ``num_groups``.
+      ``(scan, params)``: ``params = {"rest": State, "body": ((InPlace, other),)
+      * period, "tail": ((InPlace, other),) * len(tail)}``: each layer's state
+      split into its ``InPlace`` weights and the others; body states have a
+      leading axis of ``num_groups``.
     """
     rest_gd, rest_state, gds, states = _split_layers(graphdef, state)
     period = _period(gds) if gds else 1
@@ -122,8 +142,8 @@ def unstack(scan: LayerScan, params: dict):
     layers = []
     for g in range(scan.num_groups):
         for j, gd in enumerate(scan.body):
-            layers.append(nnx.merge(gd, jax.tree.map(lambda a: a[g], params["body"][j])))
-    layers += [nnx.merge(gd, st) for gd, st in zip(scan.tail, params["tail"])]
+            layers.append(nnx.merge(gd, *jax.tree.map(lambda a: a[g], params["body"][j])))
+    layers += [nnx.merge(gd, *st) for gd, st in zip(scan.tail, params["tail"])]
     model.layers = nnx.List(layers)
     return nnx.split(model)
 
@@ -141,15 +161,20 @@ def forward(scan: LayerScan, params: dict, input_ids: jax.Array, positions: jax.
     x = model.embed(input_ids)
 
     def run(gd, st, x, kv, layer, rope_cache):
-        return nnx.merge(gd, st)(x, positions, kv, md, rope_cache, layer=layer)
+        return nnx.merge(gd, *st)(x, positions, kv, md, rope_cache, layer=layer)
 
     if scan.num_groups:
         def body(g, carry):
             x, kv = carry
             rope_cache: dict = {}
-            for j, gd in enumerate(scan.body):
-                st = jax.tree.map(lambda a: a[g], params["body"][j])
-                x, kv = run(gd, st, x, kv, g * scan.period + j, rope_cache)
+            _STACK_INDEX.append(g)
+            try:
+                for j, gd in enumerate(scan.body):
+                    in_place, other = params["body"][j]
+                    st = (in_place, jax.tree.map(lambda a: a[g], other))
+                    x, kv = run(gd, st, x, kv, g * scan.period + j, rope_cache)
+            finally:
+                _STACK_INDEX.pop()
             return x, kv
 
         x, kv_cache = jax.lax.fori_loop(0, scan.num_groups, body, (x, kv_cache))

@@ -36,20 +36,25 @@ def pack_int8_weight(q: jax.Array) -> tuple[jax.Array, jax.Array]:
 
 
 def int8_matmul_cpu(x: jax.Array, packed: jax.Array, colsum: jax.Array,
-                    scale: jax.Array) -> jax.Array:
+                    scale: jax.Array, layer=None) -> jax.Array:
     """``x @ dequant(w)`` with per-row int8 activations.
 
     Args:
       x: [..., K] float activations (computed in float32).
-      packed, colsum: from ``pack_int8_weight``.
+      packed, colsum: from ``pack_int8_weight``; with ``layer``, stacks of
+        them (``[L, ...]``, and ``scale`` ``[L, N]``), read in place at ``layer``.
       scale: [N] float32 per-output-channel weight scale.
+      layer: None, or an int32 scalar (traced inside a loop over layers).
 
     Returns:
       [..., N] float32.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    n = scale.shape[0]
-    if packed.ndim != 3 or packed.shape[1] != -(-k // 4) or packed.shape[0] != -(-n // 16):
+    stack = () if layer is None else packed.shape[:1]
+    n = scale.shape[-1]
+    if (packed.ndim != 3 + len(stack) or packed.shape[-2] != -(-k // 4)
+            or packed.shape[-3] != -(-n // 16) or colsum.shape[:-1] != stack
+            or scale.shape[:-1] != stack):
         raise ValueError(f"packed weight {packed.shape} does not fit x {x.shape} and "
                          f"scale {scale.shape}")
     if not available():
@@ -57,7 +62,7 @@ def int8_matmul_cpu(x: jax.Array, packed: jax.Array, colsum: jax.Array,
     rows = math.prod(lead)
     call = jax.ffi.ffi_call(TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
     y = call(x.reshape(rows, k).astype(jnp.float32), packed, colsum,
-             scale.astype(jnp.float32))
+             scale.astype(jnp.float32), jnp.asarray(0 if layer is None else layer, jnp.int32))
     return y.reshape(*lead, n)
 
 
@@ -70,24 +75,30 @@ def pad_int8_weight(q: jax.Array) -> jax.Array:
     return jnp.zeros((k, -(-n // 16) * 16), jnp.int8).at[:, :n].set(q.astype(jnp.int8))
 
 
-def int8_weight_matmul_cpu(x: jax.Array, w: jax.Array, scale: jax.Array) -> jax.Array:
+def int8_weight_matmul_cpu(x: jax.Array, w: jax.Array, scale: jax.Array,
+                           layer=None) -> jax.Array:
     """``x @ (w * scale)`` with float32 activations and int8 weights.
 
     Args:
       x: [..., K] float activations (computed in float32).
-      w: [K, Np] int8 from ``pad_int8_weight``.
+      w: [K, Np] int8 from ``pad_int8_weight``; with ``layer``, a stack
+        ``[L, K, Np]`` (and ``scale`` ``[L, N]``) read in place at ``layer``.
       scale: [N] float32 per-output-channel scale.
+      layer: None, or an int32 scalar (traced inside a loop over layers).
 
     Returns:
       [..., N] float32.
     """
     lead, k = x.shape[:-1], x.shape[-1]
-    n = scale.shape[0]
-    if w.ndim != 2 or w.shape[0] != k or w.shape[1] != -(-n // 16) * 16:
+    stack = () if layer is None else w.shape[:1]
+    n = scale.shape[-1]
+    if (w.ndim != 2 + len(stack) or w.shape[-2] != k or w.shape[-1] != -(-n // 16) * 16
+            or scale.shape[:-1] != stack):
         raise ValueError(f"int8 weight {w.shape} does not fit x {x.shape} and scale {scale.shape}")
     if not available():
         raise RuntimeError("the CPU int8 kernel could not be built; see the log")
     rows = math.prod(lead)
     call = jax.ffi.ffi_call(WEIGHT_ONLY_TARGET, jax.ShapeDtypeStruct((rows, n), jnp.float32))
-    y = call(x.reshape(rows, k).astype(jnp.float32), w, scale.astype(jnp.float32))
+    y = call(x.reshape(rows, k).astype(jnp.float32), w, scale.astype(jnp.float32),
+             jnp.asarray(0 if layer is None else layer, jnp.int32))
     return y.reshape(*lead, n)

@@ -183,3 +183,25 @@ def test_packed_qwen2_with_qkv_bias_tracks_float(tmp_path):
     got = logits(gp, sp)
     cos = (ref * got).sum(-1) / np.linalg.norm(ref, axis=-1) / np.linalg.norm(got, axis=-1)
     assert cos.min() > 0.99, cos
+
+
+def test_stacked_weights_are_read_in_place_at_the_layer(isa):
+    """A stack of weights plus a (traced) layer index equals that layer's own weights."""
+    rng = np.random.default_rng(3)
+    x = jnp.asarray(rng.standard_normal((5, 40)), jnp.float32)
+    qs = [quantize_weight(jnp.asarray(rng.standard_normal((40, 24)), jnp.float32), axis=0)
+          for _ in range(3)]
+    packs = [cpu_int8.pack_int8_weight(q) for q, _ in qs]
+    packed = jnp.stack([p for p, _ in packs])
+    colsum = jnp.stack([c for _, c in packs])
+    scale = jnp.stack([s for _, s in qs])
+    padded = jnp.stack([cpu_int8.pad_int8_weight(q) for q, _ in qs])
+    w8a8 = jax.jit(lambda i: cpu_int8.int8_matmul_cpu(x, packed, colsum, scale, layer=i))
+    wo = jax.jit(lambda i: cpu_int8.int8_weight_matmul_cpu(x, padded, scale, layer=i))
+    for i in range(3):
+        np.testing.assert_array_equal(np.asarray(w8a8(i)), np.asarray(
+            cpu_int8.int8_matmul_cpu(x, packs[i][0], packs[i][1], qs[i][1])))
+        np.testing.assert_array_equal(np.asarray(wo(i)), np.asarray(
+            cpu_int8.int8_weight_matmul_cpu(x, padded[i], qs[i][1])))
+    with pytest.raises(Exception, match="layer out of range"):
+        jax.block_until_ready(w8a8(3))

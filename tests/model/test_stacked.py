@@ -91,18 +91,30 @@ def test_stacked_forward_equals_unrolled(kind, layers, period, groups, tail):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_quantized_model_stacks():
+@pytest.mark.parametrize("packed", [False, True])
+def test_quantized_model_stacks(packed):
+    """int8 modules stack too; the C++ kernel's packed weights (``InPlace``) stay
+    whole stacks that the kernel reads at the loop index, not sliced copies."""
     from model.quant import quantize_model
 
     config = _config("qwen3", 4)
     graphdef, state = nnx.split(DecoderLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = quantize_model(graphdef, state, "w8a8_int8", packed=False)
+    graphdef, state = quantize_model(graphdef, state, "w8a8_int8", packed=packed)
     ids, pos, md = _batch()
     want_h, _ = _forward(graphdef, state, ids, pos, _cache(config), md)
     scan, params = stacked.stack(graphdef, state)
     assert scan.period == 1 and scan.num_groups == 4
+    in_place = jax.tree.leaves(params["body"][0][0])
+    assert bool(in_place) == packed and all(a.shape[0] == 4 for a in in_place)
     got_h, _ = _forward(scan, params, ids, pos, _cache(config), md)
     np.testing.assert_allclose(np.asarray(got_h), np.asarray(want_h), atol=2e-5)
+    if packed:  # no slice of a stacked int8 weight is materialized for the kernel
+        hlo = jax.jit(api.forward, static_argnums=0).lower(
+            scan, params, ids, pos, _cache(config), md).as_text()
+        assert "jax_serve_int8_matmul_cpu" in hlo
+        int8_slices = [line for line in hlo.splitlines()
+                       if "dynamic_slice" in line and "xi8>" in line.split("=")[-1]]
+        assert not int8_slices, int8_slices[:2]
 
 
 def test_tracing_costs_one_period_not_every_layer():

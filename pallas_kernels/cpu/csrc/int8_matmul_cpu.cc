@@ -127,18 +127,34 @@ Kernels kernels(jax_serve::Isa isa) {
   return {scalar::quantize_rows, scalar::run_tile, scalar::wo_run_tile};
 }
 
+// w, colsum and w_scale may carry a leading stack axis ([L, ...], the layers of
+// a model/stacked.py loop); ``layer`` then picks the slice to read in place, so
+// the loop does not copy each layer's weights out of the stack.
 ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                           ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::S32> colsum,
-                          ffi::Buffer<ffi::F32> w_scale, ffi::ResultBuffer<ffi::F32> y) {
+                          ffi::Buffer<ffi::F32> w_scale, ffi::Buffer<ffi::S32> layer_buf,
+                          ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 3 || wd[2] != 64)
-    return ffi::Error::InvalidArgument("int8_matmul_cpu: x must be [M, K], w [N/16, K/4, 64]");
-  const int64_t m = xd[0], k = xd[1], nb = wd[0], kq = wd[1];
-  const int64_t n = w_scale.dimensions()[0];
+  const bool stacked = wd.size() == 4;
+  const size_t o = stacked ? 1 : 0;
+  if (xd.size() != 2 || wd.size() != 3 + o || wd[2 + o] != 64 ||
+      colsum.dimensions().size() != 1 + o || w_scale.dimensions().size() != 1 + o)
+    return ffi::Error::InvalidArgument(
+        "int8_matmul_cpu: x must be [M, K], w [(L,) N/16, K/4, 64], colsum / scale [(L,) N]");
+  const int64_t num = stacked ? wd[0] : 1;
+  const int64_t layer = stacked ? layer_buf.typed_data()[0] : 0;
+  if (layer < 0 || layer >= num ||
+      (stacked && (colsum.dimensions()[0] != num || w_scale.dimensions()[0] != num)))
+    return ffi::Error::InvalidArgument("int8_matmul_cpu: layer out of range of the stack");
+  const int64_t m = xd[0], k = xd[1], nb = wd[o], kq = wd[1 + o];
+  const int64_t n = w_scale.dimensions()[o];
   if (kq * 4 < k || kq * 4 >= k + 4 || nb * kLanes < n || nb * kLanes >= n + kLanes ||
-      colsum.dimensions()[0] != nb * kLanes)
+      colsum.dimensions()[o] != nb * kLanes)
     return ffi::Error::InvalidArgument("int8_matmul_cpu: packed weight does not match x / scale");
+  const int8_t* w_data = w.typed_data() + layer * nb * kq * 64;
+  const int32_t* colsum_data = colsum.typed_data() + layer * nb * kLanes;
+  const float* scale_data = w_scale.typed_data() + layer * n;
 
   const jax_serve::Isa isa = jax_serve::current_isa();
   const Kernels kern = kernels(isa);
@@ -147,8 +163,8 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
   // VNNI and the portable loops take x + 128; vpmaddubsw's paths take x.
   const bool signed_x = isa.level != jax_serve::kScalar && !isa.vnni;
   kern.quantize_rows(x.typed_data(), m, k, kq, signed_x, xq.data(), xs.data());
-  Problem p{xq.data(), xs.data(), w.typed_data(), colsum.typed_data(), w_scale.typed_data(),
-            y->typed_data(), m, n, kq, nb};
+  Problem p{xq.data(), xs.data(), w_data, colsum_data, scale_data, y->typed_data(), m, n, kq,
+            nb};
   const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
   jax_serve::parallel_for(pool, tiles, [&p, kern, isa, nb](int64_t t) {
     const int64_t b0 = t * kTileBlocks;
@@ -159,17 +175,25 @@ ffi::Error Int8MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
 
 ffi::Error Int8WeightMatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x,
                                 ffi::Buffer<ffi::S8> w, ffi::Buffer<ffi::F32> w_scale,
+                                ffi::Buffer<ffi::S32> layer_buf,
                                 ffi::ResultBuffer<ffi::F32> y) {
   auto xd = x.dimensions();
   auto wd = w.dimensions();
-  if (xd.size() != 2 || wd.size() != 2)
-    return ffi::Error::InvalidArgument("int8_weight_matmul_cpu: x must be [M, K], w [K, Np]");
-  const int64_t n = w_scale.dimensions()[0];
-  if (wd[0] != xd[1] || wd[1] % kLanes != 0 || wd[1] < n || wd[1] >= n + kLanes)
+  const bool stacked = wd.size() == 3;  // [L, K, Np]: read layer ``layer`` in place
+  const size_t o = stacked ? 1 : 0;
+  if (xd.size() != 2 || wd.size() != 2 + o || w_scale.dimensions().size() != 1 + o)
+    return ffi::Error::InvalidArgument(
+        "int8_weight_matmul_cpu: x must be [M, K], w [(L,) K, Np], scale [(L,) N]");
+  const int64_t num = stacked ? wd[0] : 1;
+  const int64_t layer = stacked ? layer_buf.typed_data()[0] : 0;
+  if (layer < 0 || layer >= num || (stacked && w_scale.dimensions()[0] != num))
+    return ffi::Error::InvalidArgument("int8_weight_matmul_cpu: layer out of range of the stack");
+  const int64_t n = w_scale.dimensions()[o], kdim = wd[o], np_ = wd[1 + o];
+  if (kdim != xd[1] || np_ % kLanes != 0 || np_ < n || np_ >= n + kLanes)
     return ffi::Error::InvalidArgument("int8_weight_matmul_cpu: w does not match x / scale");
-  WoProblem p{x.typed_data(), w.typed_data(), w_scale.typed_data(), y->typed_data(),
-              xd[0], xd[1], n, wd[1]};
-  const int64_t nb = wd[1] / kLanes;
+  WoProblem p{x.typed_data(), w.typed_data() + layer * kdim * np_,
+              w_scale.typed_data() + layer * n, y->typed_data(), xd[0], xd[1], n, np_};
+  const int64_t nb = np_ / kLanes;
   const int64_t tiles = (nb + kTileBlocks - 1) / kTileBlocks;
   const jax_serve::Isa isa = jax_serve::current_isa();
   const Kernels kern = kernels(isa);
@@ -208,6 +232,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8MatmulCpu, Int8MatmulImpl,
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::S32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer of a stacked w
                                   .Ret<ffi::Buffer<ffi::F32>>());
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8WeightMatmulCpu, Int8WeightMatmulImpl,
@@ -216,4 +241,5 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(Int8WeightMatmulCpu, Int8WeightMatmulImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::S8>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()  // layer of a stacked w
                                   .Ret<ffi::Buffer<ffi::F32>>());
