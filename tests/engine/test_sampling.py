@@ -1,23 +1,48 @@
 """On-device sampling vs numpy expectations on crafted logits."""
 
+import dataclasses
+
+import jax
 import numpy as np
 import pytest
 
-from serving.engine.runner import _default_sampling
-from serving.engine.sampling import prompt_logprobs, sample
+from serving.engine import sampling_tensors as T
+from serving.engine.sampling import prompt_logprobs
+from serving.engine.sampling import sample as _sample
+from serving.engine.types import SamplingParams
 
 V = 16
+sample = jax.jit(_sample)  # as the runner runs it (eagerly, every lax.cond would retrace)
 
 
-def _st(num, **over):
-    import dataclasses
-    st = _default_sampling(num, V)
-    fields = {}
-    for k, v in over.items():
-        fields[k] = np.asarray(v)
-    flags = {k: fields.pop(k).item() for k in list(fields)
-             if k in ("do_top", "do_penalties", "do_bias", "do_allowed", "num_logprobs")}
-    return dataclasses.replace(st, **fields, **flags)
+def _st(num, *, do_top=False, num_logprobs=0, **cols):
+    """Default tensors with per-row columns overridden (temperature, seeds, ...)."""
+    st = T.default_sampling_tensors(num, vocab_size=V, max_model_len=8, max_logprobs=4)
+    f, i = st.row_f32.copy(), st.row_i32.copy()
+    fcols = {"temperature": T.F_TEMPERATURE, "top_p": T.F_TOP_P, "min_p": T.F_MIN_P}
+    icols = {"top_k": T.I_TOP_K, "seeds": T.I_SEED, "steps": T.I_STEP}
+    for k, v in cols.items():
+        if k in fcols:
+            f[:, fcols[k]] = v
+        else:
+            i[:, icols[k]] = np.asarray(v).astype(np.uint32).view(np.int32)
+    i[:, T.I_FLAGS] = (T.FLAG_TOP if do_top else 0) | (T.FLAG_LOGPROBS if num_logprobs else 0)
+    return dataclasses.replace(st, row_f32=f, row_i32=i)
+
+
+@dataclasses.dataclass
+class _Item:
+    params: SamplingParams
+    seed: int = 0
+    output_token_ids: tuple = ()
+    prompt_token_ids: tuple = ()
+    banned_ids: tuple = ()
+    token_bitmask: object = None
+
+
+def _built(items):
+    return T.build_sampling_tensors(items, len(items), vocab_size=V, max_model_len=8,
+                                    max_logprobs=4)
 
 
 def _logits(rows, seed=0):
@@ -72,15 +97,17 @@ def test_top_filters_restrict_the_support(kind):
 def test_bias_allowed_and_penalties():
     x = np.zeros((3, V), np.float32)
     x[:, 5] = 2.0
-    st = _st(3, do_bias=True, bias_ids=[[3, V], [V, V], [V, V]], bias_vals=[[5.0, 0], [0, 0], [0, 0]],
-             do_allowed=True, allowed_ids=[[V, V], [7, 8], [V, V]],
-             has_allowed=[False, True, False])
+    st = _built([_Item(SamplingParams(temperature=0, logit_bias={3: 5.0})),
+                 _Item(SamplingParams(temperature=0, allowed_token_ids=[7, 8])),
+                 _Item(SamplingParams(temperature=0))])
     np.testing.assert_array_equal(sample(x, st).tokens, [3, 7, 5])
     # repetition penalty divides positive logits of seen tokens; presence subtracts
     y = np.zeros((2, V), np.float32)
     y[:, 5], y[:, 6] = 2.0, 1.5
-    st = _st(2, do_penalties=True, rep_pen=[2.0, 1.0], pres_pen=[0.0, 1.0],
-             out_tokens=[[5, V], [5, V]], prompt_tokens=[[V], [V]])
+    st = _built([_Item(SamplingParams(temperature=0, repetition_penalty=2.0),
+                       output_token_ids=(5,)),
+                 _Item(SamplingParams(temperature=0, presence_penalty=1.0),
+                       output_token_ids=(5,))])
     np.testing.assert_array_equal(sample(y, st).tokens, [6, 6])
 
 
