@@ -101,6 +101,14 @@ class DataParallelEngine:
         """Compiles every replica's step programs; returns the seconds spent."""
         return sum(e.precompile() for e in self._replicas)
 
+    def startup_report(self) -> dict:
+        """Replica 0's phase times; programs summed over the replicas."""
+        reports = [e.startup_report() for e in self._replicas]
+        out = dict(reports[0])
+        for key in ("programs", "programs_from_cache"):
+            out[key] = sum(r[key] for r in reports)
+        return out
+
     def flush_prefix_cache(self) -> bool:
         """Drops every replica's prefix cache; False if any refused (requests running)."""
         return all([e.flush_prefix_cache() for e in self._replicas])

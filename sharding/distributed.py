@@ -160,7 +160,6 @@ class _LeaderStep:
 
     def __init__(self, leader: Leader, name: str, fn):
         self.leader, self.name, self.fn = leader, name, fn
-        self.lower = fn.lower  # precompile lowers locally; compiling needs no peers
 
     def __call__(self, state, kv, *host_args, **kwargs):
         seq = self.leader.broadcast(self.name, host_args, kwargs)
@@ -201,7 +200,7 @@ def follow(runner, dist_init_addr: str, rank: int, connect_timeout: float = 600.
             logger.info("follower %d: stop", rank)
             return
         _, seq, name, host_args, kwargs = msg
-        out = getattr(runner, name)(runner.state, runner.kv, *host_args, **kwargs)
+        out = getattr(runner, name)(runner.params, runner.kv, *host_args, **kwargs)
         runner.kv = out[-1]
         jax.block_until_ready(out)
         _send(sock, ("ack", seq))

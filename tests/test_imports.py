@@ -21,7 +21,9 @@ ALLOWED = {"pallas_kernels": set(), "sharding": set(),
            "serving": {"pallas_kernels", "sharding", "model"}}
 HOST_ONLY = ("serving/engine/scheduler.py", "serving/engine/block_manager.py",
              "serving/engine/sequence.py", "serving/engine/types.py",
-             "serving/engine/errors.py", "serving/engine/protocol.py")
+             "serving/engine/errors.py", "serving/engine/protocol.py",
+             "serving/engine/sampling_tensors.py", "serving/engine/pipeline.py",
+             "serving/engine/buckets.py")
 
 
 def _modules() -> dict[str, Path]:

@@ -20,8 +20,10 @@ import itertools
 import logging
 import os
 import threading
+import time
 from typing import Optional
 
+from serving.engine import compile_log
 from serving.engine.config import EngineConfig
 from serving.engine.engine import build_core
 from serving.engine.errors import (EngineNotReadyError, EngineOverloadedError,
@@ -87,6 +89,8 @@ class AsyncEngine(LoopThread):
 
     def __init__(self, config: EngineConfig, engine: Optional[EngineCore] = None):
         _enable_compile_cache(config.compile_cache_dir)
+        self._compile_log = compile_log.install()
+        self.startup: dict = {}  # seconds per start-up phase, filled by start()
         self.config = config
         self.engine: EngineCore = engine or build_core(config)
         self._streams: dict[str, RequestStream] = {}
@@ -126,13 +130,43 @@ class AsyncEngine(LoopThread):
     async def start(self) -> None:
         """Compiles every bucket (unless disabled) and starts the engine thread."""
         self._loop = asyncio.get_running_loop()
+        before = self._compile_log.snapshot()
+        t0 = time.perf_counter()
         if self.config.precompile:
             await asyncio.to_thread(self.engine.precompile)
+        self._report_startup(before, time.perf_counter() - t0)
         # The model, tokenizer and compiled programs live as long as the server:
         # moving them out of the collector's generations keeps its periodic full
         # passes (~4% of a decode step here) to the objects requests create.
         gc.freeze()
         self._start_loop("engine-loop")
+
+    def _report_startup(self, before: dict, precompile_s: float) -> None:
+        after = self._compile_log.snapshot()
+        report = self.engine.startup_report()
+        self.startup = {
+            "load_s": report["load_s"], "tokenizer_s": report["tokenizer_s"],
+            "prepare_s": report["prepare_s"],
+            "trace_s": (after["trace_s"] + after["lower_s"]
+                        - before["trace_s"] - before["lower_s"]),
+            "compile_s": after["compile_s"] - before["compile_s"],
+            "precompile_s": precompile_s, "ready_s": compile_log.process_age(),
+            "programs": report["programs"], "programs_from_cache": report["programs_from_cache"],
+            "xla_compilations": after["backend_compiles"],
+            "compiles_after_ready": 0,
+        }
+        s = self.startup
+        logger.info("start-up: load %.1fs, tokenizer %.1fs, prepare %.1fs, trace+lower %.1fs, "
+                    "compile %.1fs; %d step programs (%d from the program cache, %d XLA "
+                    "compilations in all); ready %.1fs after launch", s["load_s"],
+                    s["tokenizer_s"], s["prepare_s"], s["trace_s"], s["compile_s"],
+                    s["programs"], s["programs_from_cache"], s["xla_compilations"],
+                    s["ready_s"])
+        self._compile_log.mark_ready()
+
+    def startup_info(self) -> dict:
+        """The start-up report, with the programs traced since (should stay 0)."""
+        return {**self.startup, "compiles_after_ready": self._compile_log.after_ready}
 
     def add_request(self, request_id: str, prompt_token_ids: list[int],
                     params: SamplingParams) -> RequestStream:

@@ -1,12 +1,22 @@
 """Bucketed step shapes: every compiled step has one of these shapes.
 
-A step's real sizes are rounded up to the smallest bucket that holds them, so
-jit compiles a small, fixed set of programs (all of them at start-up).
+One engine step is one ragged call: every scheduled sequence's tokens (decode
+rows and prefill chunks alike) packed token-major. Its real token count is
+rounded up to a *token bucket* ``T``; the batch has ``num_seqs(T) = min(T,
+max_num_seqs)`` sequence rows (a step of ``T`` tokens holds at most ``T``
+sequences). Backends that read KV pages in place (the C++ CPU kernel, the
+Pallas kernels) take one block-table width, ``max_model_len`` worth of pages,
+so the program set is one program per token bucket. The pure-JAX reference
+gathers the pages it is given, so it keeps context buckets, and compiles a
+separate program for decode-only batches (its cost grows with ``max_q_len``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+
+IN_PLACE_BACKENDS = ("cpu", "pallas_tpu", "pallas_gpu", "pallas_tpu_interpret",
+                     "pallas_gpu_interpret")
 
 
 def powers_of_two(lo: int, hi: int) -> tuple[int, ...]:
@@ -36,40 +46,93 @@ def round_up(value: int, buckets: tuple[int, ...]) -> int:
 
 
 @dataclasses.dataclass(frozen=True)
+class StepShape:
+    """The static shape of one compiled step (the key of its program)."""
+
+    num_tokens: int  # T: padded tokens
+    num_seqs: int  # S: padded sequence rows (sampled rows)
+    ctx_pages: int  # block-table width
+    max_q_len: int  # static bound on a sequence's query length (1 or T)
+
+    def describe(self) -> str:
+        return (f"T={self.num_tokens} S={self.num_seqs} pages={self.ctx_pages}"
+                f"{' decode' if self.max_q_len == 1 else ''}")
+
+
+@dataclasses.dataclass(frozen=True)
 class BucketPlan:
     """The shape buckets of one engine.
 
-    decode_seqs: batch sizes of decode steps (one token per sequence).
-    prefill_tokens: token counts of prefill chunks (one sequence per call).
-    ctx_pages: widths of the block table (pages of context per sequence).
+    token_buckets: padded token counts of a step (ascending).
+    max_num_seqs: the most sequence rows of a step.
+    ctx_pages: block-table widths; one (``max_model_len``'s pages) for
+        backends that read pages in place.
+    in_place: whether the attention backend reads pages in place (one
+        context width, ``max_q_len = T``); else the reference's buckets.
     """
 
-    decode_seqs: tuple[int, ...]
-    prefill_tokens: tuple[int, ...]
+    token_buckets: tuple[int, ...]
+    max_num_seqs: int
     ctx_pages: tuple[int, ...]
     page_size: int = 16
+    in_place: bool = True
 
     @classmethod
     def build(cls, max_num_seqs: int, max_num_batched_tokens: int, max_model_len: int,
-              page_size: int, decode: tuple[int, ...] = (), prefill: tuple[int, ...] = ()
-              ) -> "BucketPlan":
-        max_pages = -(-max_model_len // page_size)
-        pow2_pages = powers_of_two(1, max_pages)[-1]
-        return cls(
-            decode_seqs=tuple(sorted(decode)) or powers_of_two(1, max_num_seqs),
-            prefill_tokens=tuple(sorted(prefill)) or powers_of_two(
-                16, min(max_num_batched_tokens, max_model_len)),
-            # Decode attention on the XLA path costs in proportion to the
-            # bucketed context, so contexts step by 2x (at most 2x padding).
-            ctx_pages=spaced_down(pow2_pages, 2, min(4, pow2_pages)),
-            page_size=page_size,
-        )
+              page_size: int, decode: tuple[int, ...] = (), prefill: tuple[int, ...] = (),
+              backend: str = "cpu") -> "BucketPlan":
+        """The plan for an engine's limits.
 
-    def all_shapes(self) -> list[tuple[str, int, int]]:
-        """Every (kind, size, ctx_pages) the engine may run."""
-        shapes = [("decode", s, p) for s in self.decode_seqs for p in self.ctx_pages]
-        prev = (0,) + self.prefill_tokens[:-1]
-        # A chunk of more than prev[i] tokens needs at least that much context.
-        shapes += [("prefill", t, p) for t, lo in zip(self.prefill_tokens, prev)
-                   for p in self.ctx_pages if lo + 1 <= p * self.page_size]
+        ``decode``/``prefill`` (the ``--decode-buckets`` / ``--prefill-buckets``
+        flags) replace the default token buckets below / above
+        ``max_num_seqs``; the largest bucket always holds a full step
+        (``max_num_batched_tokens`` tokens and ``max_num_seqs`` one-token rows).
+        """
+        top = max(max_num_batched_tokens, max_num_seqs)
+        # up to max_num_seqs (mostly decode batches): steps of 4x, then max_num_seqs;
+        # above it (prefill chunks, mixed steps): steps of 2x
+        small = tuple(sorted(decode)) or tuple(sorted(
+            {4 ** i for i in range(12) if 4 ** i < max_num_seqs} | {max_num_seqs}))
+        large = tuple(sorted(prefill)) or tuple(
+            t for t in powers_of_two(1, top) if t > max_num_seqs)
+        buckets = sorted(set(small) | set(large))
+        if buckets[-1] < top:
+            buckets.append(top)
+        max_pages = -(-max_model_len // page_size)
+        in_place = backend in IN_PLACE_BACKENDS
+        if in_place:
+            ctx = (max_pages,)
+        else:
+            # the reference's cost follows the bucketed context: steps of 2x
+            pow2 = powers_of_two(1, max_pages)[-1]
+            ctx = tuple(min(p, max_pages) for p in spaced_down(pow2, 2, min(4, pow2)))
+            ctx = tuple(sorted(set(ctx)))
+        return cls(token_buckets=tuple(buckets), max_num_seqs=max_num_seqs, ctx_pages=ctx,
+                   page_size=page_size, in_place=in_place)
+
+    def num_seqs(self, num_tokens: int) -> int:
+        return min(num_tokens, self.max_num_seqs)
+
+    def shape_for(self, num_tokens: int, num_seqs: int, context: int,
+                  decode_only: bool) -> StepShape:
+        """The bucket of a step with these real sizes.
+
+        Raises:
+          ValueError: it holds more than the largest bucket.
+        """
+        t = round_up(max(num_tokens, num_seqs, 1), self.token_buckets)
+        while self.num_seqs(t) < num_seqs:  # e.g. --decode-buckets smaller than the rows
+            t = round_up(t + 1, self.token_buckets)
+        pages = round_up(max(-(-context // self.page_size), 1), self.ctx_pages)
+        q = t if self.in_place or not decode_only else 1
+        return StepShape(t, self.num_seqs(t), pages, q)
+
+    def all_shapes(self) -> list[StepShape]:
+        """Every shape the engine may run (what start-up compiles)."""
+        shapes = []
+        for t in self.token_buckets:
+            for p in self.ctx_pages:
+                shapes.append(StepShape(t, self.num_seqs(t), p, t))
+                if not self.in_place and self.num_seqs(t) == t and t > 1:
+                    shapes.append(StepShape(t, t, p, 1))  # decode-only (reference)
         return shapes

@@ -124,8 +124,9 @@ class LLMEngine:
         self.layout = TensorParallelLayout.for_engine(config.tensor_parallel_size, mesh)
         loaded = (self.layout.adopt(loaded) if loaded is not None else load_model(
             config.model, dtype=dtype, shardings_for=self.layout.shardings_for))
-        logger.info("loaded %s (%s) in %.1fs", loaded.path, loaded.format,
-                    time.perf_counter() - t0)
+        load_s = time.perf_counter() - t0
+        logger.info("loaded %s (%s) in %.1fs", loaded.path, loaded.format, load_s)
+        t_prep = time.perf_counter()
         if config.quantization:
             loaded = self.quantize(loaded)
             logger.info("quantized the MLP, embedding and LM head weights (%s)",
@@ -149,6 +150,9 @@ class LLMEngine:
         self.guides = GuideCompiler(self.tokenizer, self.eos_ids)  # llguidance, built lazily
         self._build_core()
         self._build_runner(loaded)
+        tok_s = loaded.timings.get("tokenizer_s", 0.0)
+        self.timings = {"load_s": load_s - tok_s, "tokenizer_s": tok_s,
+                        "prepare_s": time.perf_counter() - t_prep}
         # everything but the weights, which the runner owns (see ``loaded``)
         self._checkpoint = dataclasses.replace(loaded, state=None)
         self._sleep_shardings = None  # the weights' layout while released (sleep)
@@ -228,11 +232,13 @@ class LLMEngine:
         from serving.engine.runner import ModelRunner
 
         cfg = self.config
-        self.plan = BucketPlan.build(cfg.max_num_seqs, cfg.max_num_batched_tokens,
-                                     self.max_model_len, self.page_size,
-                                     cfg.decode_buckets, cfg.prefill_buckets)
         from pallas_kernels.dispatch import resolve_backend
         from pallas_kernels.reference import BF16_STORAGE
+
+        self.plan = BucketPlan.build(cfg.max_num_seqs, cfg.max_num_batched_tokens,
+                                     self.max_model_len, self.page_size,
+                                     cfg.decode_buckets, cfg.prefill_buckets,
+                                     backend=resolve_backend(cfg.attention_backend))
 
         kv_dtype = jnp.dtype(self.kv_dtype)
         if kv_dtype == jnp.bfloat16 and resolve_backend(cfg.attention_backend) in ("xla", "cpu"):
@@ -241,7 +247,18 @@ class LLMEngine:
             loaded.graphdef, loaded.state, self.model_config,
             num_pages=self.num_pages, page_size=self.page_size, plan=self.plan,
             kv_dtype=kv_dtype, attention_backend=cfg.attention_backend,
-            kv_sharding=self.layout.kv_sharding(), mesh=self.layout.mesh)
+            kv_sharding=self.layout.kv_sharding(), mesh=self.layout.mesh,
+            max_model_len=self.max_model_len, program_cache=self._program_cache(loaded))
+
+    def _program_cache(self, loaded):
+        """The on-disk cache of compiled step programs (None: --compile-cache-dir '')."""
+        if not self.config.compile_cache_dir or not self.config.precompile:
+            return None
+        from serving.engine.program_cache import ProgramCache
+
+        return ProgramCache.for_engine(self.config, loaded, mesh=self.layout.mesh,
+                                       num_pages=self.num_pages,
+                                       max_model_len=self.max_model_len)
 
     # ---- the weights (owned by the runner) -------------------------------------
     @property
@@ -358,6 +375,11 @@ class LLMEngine:
     def precompile(self) -> float:
         """Compiles (and warms) every step program; returns the seconds spent."""
         return self.runner.precompile()
+
+    def startup_report(self) -> dict:
+        """Seconds per start-up phase (load, tokenizer, prepare) and the programs built."""
+        return {**self.timings, "programs": self.runner.num_programs(),
+                "programs_from_cache": self.runner.programs_loaded}
 
     def flush_prefix_cache(self) -> bool:
         """Drops the prefix cache; False (nothing done) while requests are unfinished."""

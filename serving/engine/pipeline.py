@@ -8,9 +8,10 @@ detokenizing hide behind the device:
    Each sequence N samples that surely takes another step gets
    ``PENDING_TOKEN`` as its last token, so the next ``Scheduler.schedule``
    gives it one more token to compute without knowing which one.
-2. ``ModelRunner.launch`` builds step N+1's inputs; :func:`device_input_ids`
-   fills each ``PENDING_TOKEN`` position on the device from N's sampled
-   tokens (a small jitted gather), so nothing waits for the host.
+2. ``ModelRunner.launch`` builds step N+1's inputs; :func:`pending_sources`
+   says which row of N's sampled tokens fills each ``PENDING_TOKEN``
+   position, and the step program gathers it on the device, so nothing
+   waits for the host.
 3. The engine then reads step N (``ModelRunner.collect``, which blocks until
    N is done) and :func:`settle` replaces each placeholder with its sampled
    id before detokenizing and checking stops.
@@ -43,34 +44,26 @@ PENDING_TOKEN = -1  # a sampled token still on the device
 
 @dataclasses.dataclass
 class StepHandle:
-    """A launched step: ``(items, device outputs)`` per compiled call, not yet read.
+    """A launched step (one compiled call), not yet read.
 
-    Built by ``ModelRunner.launch``; ``decode`` is the one decode call whose
-    sampled tokens the next step may take on the device (None when the step
-    had no decode call, or several).
+    Built by ``ModelRunner.launch``: its ``StepItem``s in packing order, the
+    device outputs (sampled tokens and prompt logprobs), and ``feed``, the
+    device array of sampled tokens (row ``i``: item ``i``) that the next step
+    takes its pending tokens from.
     """
 
-    calls: list
-    decode: Optional[tuple] = None  # (items, device outputs) of the decode call
-
-    @property
-    def decode_tokens(self):
-        """[S] i32 device array of the decode call's sampled tokens."""
-        return self.decode[1][0].tokens
+    items: list
+    outputs: tuple
+    feed: object = None
 
     def feeds(self, seq_id: int) -> bool:
-        """Whether the next step can take this sequence's token from the device.
-
-        Only tokens of the decode call are fed forward, so the gather has one
-        input of a bucketed shape (a handful of tiny programs); a sequence
-        sampled by a prefill call waits one step for its first token.
-        """
-        return self.decode is not None and seq_id in self.decode_rows
+        """Whether the next step can take this sequence's token from the device."""
+        return self.feed is not None and seq_id in self.rows
 
     @functools.cached_property
-    def decode_rows(self) -> dict[int, int]:
-        """seq_id -> row of ``decode_tokens``."""
-        return {it.seq_id: row for row, it in enumerate(self.decode[0])} if self.decode else {}
+    def rows(self) -> dict[int, int]:
+        """seq_id -> row of ``feed``, for the items this step samples."""
+        return {it.seq_id: row for row, it in enumerate(self.items) if it.sample}
 
 
 @dataclasses.dataclass
@@ -152,47 +145,28 @@ def settle(seq: "Sequence", pending: bool, token: int) -> None:
         seq.append_token(token)
 
 
-def device_input_ids(input_ids: np.ndarray, items: list, prev: Optional[StepHandle]):
-    """A step's input ids as a device array, pending tokens taken from ``prev``.
+def pending_sources(input_ids: np.ndarray, items: list,
+                    prev: Optional[StepHandle]) -> np.ndarray:
+    """Where each pending token of a step comes from: [T] i32 rows of ``prev.feed`` (-1: none).
 
     Args:
-        input_ids: [T] i32 host ids of one compiled call, with ``PENDING_TOKEN``
-            where a sequence's last token is still on the device.
-        items: the call's ``StepItem``s, in packing order (each contributes
+        input_ids: [T] i32 host ids of the step, with ``PENDING_TOKEN`` where a
+            sequence's last token is still on the device.
+        items: the step's ``StepItem``s, in packing order (each contributes
             ``len(token_ids)`` consecutive positions).
         prev: the step before, still in flight.
-
-    Returns:
-        [T] i32 device array. Always a device array: numpy and jax arguments
-        are different jit cache entries, and precompile warms the jax one.
     """
-    import jax.numpy as jnp
-
+    src = np.full(input_ids.shape, -1, np.int32)
     pending = np.flatnonzero(input_ids == PENDING_TOKEN)
     if pending.size == 0:
-        return jnp.asarray(input_ids)
+        return src
     if prev is None:
         raise ValueError("a pending token needs the previous step's output")
-    src = np.full(input_ids.shape, -1, np.int32)
     row_of = {}
     cursor = 0
     for it in items:
         cursor += len(it.token_ids)
         row_of[cursor - 1] = it.seq_id  # only a sequence's last token can be pending
     for pos in pending:
-        src[pos] = prev.decode_rows[row_of[int(pos)]]
-    return _fill_pending()(input_ids, src, prev.decode_tokens)
-
-
-@functools.cache
-def _fill_pending():
-    """The jitted gather: input_ids [T] with ``src >= 0`` positions set to ``prev_tokens[src]``."""
-    import jax
-    import jax.numpy as jnp
-
-    @jax.jit
-    def fill(input_ids, src, prev_tokens):
-        return jnp.where(src >= 0, prev_tokens[jnp.clip(src, 0)], input_ids)
-
-    return fill
-
+        src[pos] = prev.rows[row_of[int(pos)]]
+    return src

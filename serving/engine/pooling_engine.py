@@ -139,6 +139,9 @@ class PoolingEngine(LoopThread):
         """Whether ``embed`` L2-normalises by default (the model's pooling config)."""
         return bool(self.loaded.pooling.normalize)
 
+    def startup_info(self) -> dict:
+        return {}
+
     def is_ready(self) -> bool:
         return self._ready
 

@@ -79,6 +79,9 @@ class EngineCore(Protocol):
     def precompile(self) -> float:
         """Compiles every step program; returns the seconds spent."""
 
+    def startup_report(self) -> dict:
+        """``load_s``, ``tokenizer_s``, ``prepare_s``, ``programs``, ``programs_from_cache``."""
+
     def flush_prefix_cache(self) -> bool:
         """Drops the prefix cache; False (nothing done) while requests run."""
 
@@ -115,6 +118,9 @@ class EngineClient(Protocol):
     def is_sleeping(self) -> bool: ...
 
     def stats(self) -> dict: ...
+
+    def startup_info(self) -> dict:
+        """Seconds per start-up phase and programs built ({} when not measured)."""
 
     # ---- generation (task "generate")
     def add_request(self, request_id: str, prompt_token_ids: list[int],

@@ -58,6 +58,7 @@ class SamplingParams:
     guide: Optional[GuideSpec] = None  # structured output (guided decoding)
 
     MAX_LOGPROBS = 20
+    MAX_LOGIT_BIAS = 300  # entries (OpenAI's cap; the sampler's table is 320 wide)
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -99,6 +100,9 @@ class SamplingParams:
         _check(all(isinstance(s, str) and s for s in self.stop), "stop",
                "stop must be non-empty strings")
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        _check(len(self.logit_bias) <= self.MAX_LOGIT_BIAS, "logit_bias",
+               f"logit_bias may have at most {self.MAX_LOGIT_BIAS} entries, got "
+               f"{len(self.logit_bias)}")
         for tok, bias in self.logit_bias.items():
             _check(-100.0 <= bias <= 100.0, "logit_bias",
                    f"logit_bias values must be in [-100, 100], got {bias} for token {tok}")

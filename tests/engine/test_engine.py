@@ -214,7 +214,7 @@ def test_bfloat16_engine_stores_kv_as_bits_and_matches_reference(model_dir):
     ref_model = load_model(model_dir, "bfloat16")
     for i, p in enumerate(PROMPTS[:3]):
         assert outs[f"b{i}"].outputs[0].token_ids == greedy_generate(
-            ref_model, p, 8, eos_token_ids=()), i
+            ref_model, p, 8, eos_token_ids=(), stacked_layers=True), i
 
 
 def test_async_scheduling_matches_synchronous_steps(model_dir, engine):
@@ -264,23 +264,30 @@ def test_w8a8_int8_engine_matches_its_own_reference_loop(model_dir):
             eng.loaded, p, 12, eos_token_ids=()), i
 
 
-def test_precompile_warms_every_bucket_so_steps_never_trace(model_dir):
-    """Start-up runs each bucket once, so serving finds them all in jit's cache.
+def test_precompile_builds_every_program_so_steps_never_trace(model_dir):
+    """Start-up builds one program per token bucket (plus its prompt-logprobs
+    program); a workload of mixed prefill chunks and decode rows, greedy and
+    sampled, then traces nothing (counted by jax's trace events)."""
+    from serving.engine import compile_log
 
-    (``lower().compile()`` alone fills only the persistent cache: the first
-    real step of each bucket used to trace and lower again.)
-    """
+    log = compile_log.install()
     eng = _engine(model_dir, decode_buckets=(1, 8), prefill_buckets=(16, 32))
     eng.runner.precompile()
-    warmed = eng.runner._step._cache_size()
-    assert warmed == len(eng.plan.all_shapes())
+    assert eng.runner.num_programs() == 2 * len(eng.plan.token_buckets)
     assert eng.block_manager.num_free_pages == eng.block_manager.num_usable_pages
+    traced = log.snapshot()["traces"]
     prompts = [list(range(10, 10 + n)) for n in (3, 20, 31, 9, 17)]
-    outs = run(eng, {f"w{i}": (p, greedy(40)) for i, p in enumerate(prompts)})
-    for i, p in enumerate(prompts):  # the warm-up runs left no trace in the cache
+    sampled = SamplingParams(max_tokens=40, temperature=0.8, top_p=0.9, top_k=5, seed=3,
+                             presence_penalty=0.5, logprobs=3, ignore_eos=True)
+    reqs = {f"w{i}": (p, greedy(40)) for i, p in enumerate(prompts)}
+    reqs["s"] = (prompts[1], sampled)
+    outs = run(eng, reqs)
+    assert log.snapshot()["traces"] == traced
+    assert eng.runner.num_programs() == 2 * len(eng.plan.token_buckets)
+    assert len(outs["s"].outputs[0].token_ids) == 40
+    for i, p in enumerate(prompts):  # the warm-up runs left nothing behind
         assert outs[f"w{i}"].outputs[0].token_ids == greedy_generate(
             eng.loaded, p, 40, eos_token_ids=())
-    assert eng.runner._step._cache_size() == warmed
 
 
 def test_bfloat16_kv_cache_on_a_float32_model(model_dir, engine):

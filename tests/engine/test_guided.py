@@ -160,29 +160,34 @@ def test_bitmask_table_pads_rows_and_vocab():
 
 
 def test_sampler_applies_the_bitmask():
-    from serving.engine.runner import _default_sampling
+    from serving.engine.runner import StepItem
     from serving.engine.sampling import sample, unpack_bitmask
-    import dataclasses
+    from serving.engine.sampling_tensors import build_sampling_tensors
 
     vocab = 40
     rng = np.random.default_rng(0)
     logits = rng.normal(size=(3, vocab)).astype(np.float32)
     logits[:, 7] = 50.0  # the unconstrained favourite
-    masks = [(0, np.array([1 << 3, 1 << (33 - 32)], np.int32)),  # tokens 3 and 33
-             (2, np.array([0, 1 << (39 - 32)], np.int32))]  # token 39 only
-    table = bitmask_table(masks, 3, vocab)
+    masks = {0: np.array([1 << 3, 1 << (33 - 32)], np.int32),  # tokens 3 and 33
+             2: np.array([0, 1 << (39 - 32)], np.int32)}  # token 39 only
+    table = bitmask_table(list(masks.items()), 3, vocab)
     bits = np.asarray(unpack_bitmask(table, vocab))
     assert bits.shape == (3, vocab) and bits[1].all()
     assert list(np.nonzero(bits[0])[0]) == [3, 33] and list(np.nonzero(bits[2])[0]) == [39]
-    st = dataclasses.replace(_default_sampling(3, vocab), token_bitmask=table, do_mask=True)
-    greedy = np.asarray(sample(logits, st).tokens)
+
+    def tensors(temperature, step):
+        items = [StepItem(seq_id=i, token_ids=[1], start_pos=0, block_table=[1], sample=True,
+                          params=SamplingParams(temperature=temperature), seed=i,
+                          output_token_ids=[0] * step, token_bitmask=masks.get(i))
+                 for i in range(3)]
+        return build_sampling_tensors(items, 3, vocab_size=vocab, max_model_len=64,
+                                      max_logprobs=SamplingParams.MAX_LOGPROBS)
+
+    greedy = np.asarray(sample(logits, tensors(0.0, 0)).tokens)
     assert greedy[0] == (3 if logits[0, 3] > logits[0, 33] else 33)
     assert greedy[1] == 7 and greedy[2] == 39
-    hot = dataclasses.replace(st, temperature=np.full((3,), 1.5, np.float32),
-                              seeds=np.arange(3, dtype=np.uint32))
     for step in range(20):
-        toks = np.asarray(sample(logits, dataclasses.replace(
-            hot, steps=np.full((3,), step, np.int32))).tokens)
+        toks = np.asarray(sample(logits, tensors(1.5, step)).tokens)
         assert toks[0] in (3, 33) and toks[2] == 39
 
 

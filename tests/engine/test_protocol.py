@@ -8,6 +8,8 @@ packaged all-MiniLM-L6-v2 for the pooling engine.
 
 from __future__ import annotations
 
+import numpy as np
+
 import asyncio
 import inspect
 import pathlib
@@ -73,8 +75,13 @@ def test_llm_engine_is_an_engine_core_and_the_runner_owns_the_weights(replicas):
     assert isinstance(eng.hf_config, dict) and eng.hf_config["model_type"] == "llama"
     assert eng.num_queued() == eng.num_running() == 0
     assert eng.flush_prefix_cache() is True
-    # one owner: the runner; ``loaded`` is a view of it, nothing else holds the state
-    assert eng.state is eng.runner.state and eng.loaded.state is eng.runner.state
+    # one owner: the runner (stacked weights, model/stacked.py); ``state`` and
+    # ``loaded`` are views of them, nothing else holds the weights
+    import jax
+    leaves = jax.tree.leaves(eng.runner.params)
+    assert sum(a.size for a in jax.tree.leaves(eng.state)) == sum(a.size for a in leaves)
+    for a, b in zip(jax.tree.leaves(eng.state), jax.tree.leaves(eng.loaded.state)):
+        assert (np.asarray(a) == np.asarray(b)).all()
     assert eng._checkpoint.state is None
     for name in ("on_output", "async_scheduling", "_inflight"):
         assert not hasattr(eng, name), name

@@ -264,7 +264,11 @@ def test_builder_layout():
 def test_logit_bias_beyond_the_table_keeps_the_largest(caplog):
     n = T.LOGIT_BIAS_WIDTH + 30
     bias = {t: (1.0 if t < n - 5 else 50.0) for t in range(n)}
-    st = build_sampling_tensors([Item(SamplingParams(temperature=0.0, logit_bias=bias))], 2,
+    with pytest.raises(ValueError, match="logit_bias"):  # the API never gets this far
+        SamplingParams(temperature=0.0, logit_bias=bias)
+    params = SamplingParams(temperature=0.0)
+    params.logit_bias = bias  # past validation: the builder still copes
+    st = build_sampling_tensors([Item(params)], 2,
                                 vocab_size=1000, max_model_len=W, max_logprobs=K)
     row = dict(zip(st.bias_ids[0].tolist(), st.bias_vals[0].tolist()))
     assert len(row) == T.LOGIT_BIAS_WIDTH

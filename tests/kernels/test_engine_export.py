@@ -19,7 +19,9 @@ from model.api import abstract_model
 from model.attention import AttentionMetadata, KVCache
 from model.config import ModelConfig
 from pallas_kernels.export_utils import disabled_checks_for
-from serving.engine.runner import _default_sampling, _run_step
+from model import stacked
+from serving.engine.runner import LOGPROB_WIDTH, _run_step
+from serving.engine.sampling_tensors import default_sampling_tensors
 
 SMOLLM2 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=49152,
                hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
@@ -30,6 +32,7 @@ HD128 = dict(architectures=["LlamaForCausalLM"], model_type="llama", vocab_size=
              num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-5,
              rope_theta=500000.0, max_position_embeddings=8192, tie_word_embeddings=False)
 
+FEED = 32  # rows of sampled tokens fed to the next step (max_num_seqs)
 PLATFORM_BACKEND = {"tpu": "pallas_tpu", "cuda": "pallas_gpu"}
 MARKERS = {"tpu": "tpu_custom_call", "cuda": "__gpu$xla.gpu.triton"}
 
@@ -48,8 +51,12 @@ def _step_args(cfg: ModelConfig, kind: str, size: int, pages: int, backend: str,
     md = AttentionMetadata(block_tables=i32(num_seqs, pages), seq_lens=i32(num_seqs),
                            query_start_loc=i32(num_seqs + 1), slot_mapping=i32(size),
                            max_q_len=1 if kind == "decode" else size, attention_backend=backend)
-    st = jax.tree.map(_spec, _default_sampling(num_seqs, cfg.vocab_size))
-    return graphdef, (state, kv, i32(size), i32(size), md, i32(num_seqs), st)
+    st = jax.tree.map(_spec, default_sampling_tensors(
+        num_seqs, vocab_size=cfg.vocab_size, max_model_len=pages * page_size,
+        max_logprobs=LOGPROB_WIDTH))
+    scan, params = stacked.stack(graphdef, state)  # the engine's form: layers as a loop
+    return scan, (params, kv, i32(size), i32(size), i32(FEED), i32(size), md, i32(num_seqs),
+                  st)
 
 
 @pytest.mark.parametrize("platform", ["tpu", "cuda"])
@@ -62,7 +69,7 @@ def _step_args(cfg: ModelConfig, kind: str, size: int, pages: int, backend: str,
 def test_engine_step_exports(platform, name, hf, kind, size, pages, dtype):
     cfg = ModelConfig.from_hf(hf)
     graphdef, args = _step_args(cfg, kind, size, pages, PLATFORM_BACKEND[platform], dtype)
-    fn = jax.jit(partial(_run_step, graphdef), donate_argnums=(1,))
+    fn = jax.jit(partial(_run_step, graphdef, FEED), donate_argnums=(1,))
     exp = export.export(fn, platforms=(platform,),
                         disabled_checks=disabled_checks_for([platform]))(*args)
     text = exp.mlir_module()

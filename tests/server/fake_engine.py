@@ -61,6 +61,9 @@ class FakeEngine:
     async def start(self) -> None:
         self._ready = True
 
+    def startup_info(self) -> dict:
+        return {}
+
     def is_ready(self) -> bool:
         return self._ready and not self._sleeping
 

@@ -96,6 +96,7 @@ async def get_server_info():
                              "num_waiting": stats.get("num_waiting", 0),
                              "kv_cache_usage": stats.get("kv_cache_usage", 0.0),
                              "weight_version": state.weight_version}],
+        "startup": state.engine.startup_info() or None,
     })
     return json_response(info)
 
