@@ -94,6 +94,8 @@ def _split_layers(graphdef, state):
 def _stack_leaves(leaves: list, donate: bool):
     """One stacked array from per-layer arrays, sharded as they are plus a leading None."""
     first = leaves[0]
+    if isinstance(first, jax.ShapeDtypeStruct):  # abstract weights (export, eval_shape)
+        return jax.ShapeDtypeStruct((len(leaves), *first.shape), first.dtype)
     sharding = getattr(first, "sharding", None)
     if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
         spec = jax.sharding.PartitionSpec(None, *sharding.spec)
