@@ -162,7 +162,8 @@ class AsyncEngine(LoopThread):
                     s["tokenizer_s"], s["prepare_s"], s["trace_s"], s["compile_s"],
                     s["programs"], s["programs_from_cache"], s["xla_compilations"],
                     s["ready_s"])
-        self._compile_log.mark_ready()
+        if self.config.precompile:  # else programs build on first use, as asked
+            self._compile_log.mark_ready()
 
     def startup_info(self) -> dict:
         """The start-up report, with the programs traced since (should stay 0)."""
