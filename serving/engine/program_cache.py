@@ -108,6 +108,13 @@ class ProgramCache:
             logger.warning("program cache: %s unusable (%s); rebuilding", path, exc)
             return None
 
+    def drop(self, name: str) -> None:
+        """Removes a stored program (one that failed to run)."""
+        try:
+            self._path(name).unlink()
+        except OSError:
+            pass
+
     def store(self, name: str, compiled: jax.stages.Compiled) -> None:
         """Writes ``compiled`` atomically; failures are logged, not raised."""
         from jax.experimental.serialize_executable import serialize

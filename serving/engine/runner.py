@@ -31,6 +31,7 @@ import numpy as np
 from model import stacked
 from model.attention import KVCache
 from model.ragged import pack_ragged
+from serving.engine import compile_log
 from serving.engine.buckets import BucketPlan, StepShape
 from serving.engine.pipeline import StepHandle, pending_sources
 from serving.engine.sampling import SampleResult, prompt_logprobs, sample
@@ -112,7 +113,7 @@ class ModelRunner:
         self.scan, self.params = stacked.stack(graphdef, state)
         self.kv = self._alloc_kv()
         self._jit_step = jit_step(partial(_run_step, self.scan, self.feed_width), mesh,
-                                  self.params, kv_sharding, num_host_inputs=8,
+                                  self.params, kv_sharding, num_host_inputs=7,
                                   num_host_outputs=3)
         self._jit_plp = jax.jit(partial(_run_prompt_lp, self.scan))
         self._programs: dict[StepShape, jax.stages.Compiled] = {}
@@ -122,6 +123,7 @@ class ModelRunner:
         self.warm = False  # set after precompile: later builds are logged as warnings
         self.compile_seconds: dict[str, float] = {}
         self.programs_loaded = 0  # programs read from the program cache
+        self._from_cache: set[str] = set()
 
     # ---- weights and memory ---------------------------------------------------
     @property
@@ -163,11 +165,15 @@ class ModelRunner:
     def _program(self, shape: StepShape, args) -> jax.stages.Compiled:
         prog = self._programs.get(shape)
         if prog is None:
-            prog = self._build(f"step-{shape.num_tokens}-{shape.num_seqs}-{shape.ctx_pages}"
-                               f"-{shape.max_q_len}", shape.describe(), self._jit_step,
+            prog = self._build(self._name(shape), shape.describe(), self._jit_step,
                                (self.params, self.kv, *args))
             self._programs[shape] = prog
         return prog
+
+    @staticmethod
+    def _name(shape: StepShape) -> str:
+        return (f"step-{shape.num_tokens}-{shape.num_seqs}-{shape.ctx_pages}"
+                f"-{shape.max_q_len}")
 
     def _plp_program(self, hidden, next_ids) -> jax.stages.Compiled:
         t = hidden.shape[0]
@@ -185,11 +191,39 @@ class ModelRunner:
         prog = self.program_cache.load(name, args) if self.program_cache else None
         if prog is not None:
             self.programs_loaded += 1
+            self._from_cache.add(name)
         else:
-            prog = jitted.lower(*args).compile()
-            if self.program_cache:
-                self.program_cache.store(name, prog)
+            prog = self._compile(name, jitted, args)
         self.compile_seconds[name] = time.perf_counter() - t0
+        return prog
+
+    def _compile(self, name: str, jitted, args) -> jax.stages.Compiled:
+        if not self.program_cache:
+            return jitted.lower(*args).compile()
+        # An executable XLA read from its own persistent cache does not
+        # serialize whole (running the copy fails: "Function ... not found"),
+        # so programs bound for the program cache are compiled afresh.
+        log = compile_log.install()
+        hits = log.snapshot()["cache_hits"]
+        previous = jax.config.jax_enable_compilation_cache
+        jax.config.update("jax_enable_compilation_cache", False)
+        try:
+            prog = jitted.lower(*args).compile()
+        finally:
+            jax.config.update("jax_enable_compilation_cache", previous)
+        if log.snapshot()["cache_hits"] == hits:
+            self.program_cache.store(name, prog)
+        return prog
+
+    def _rebuild(self, shape: StepShape, args, exc: Exception) -> jax.stages.Compiled:
+        """A cached program that failed to run: drop it, compile it afresh."""
+        name = self._name(shape)
+        logger.warning("program cache: %s failed to run (%s); compiling it again", name, exc)
+        self.program_cache.drop(name)
+        self._from_cache.discard(name)
+        self.programs_loaded -= 1
+        prog = self._compile(name, self._jit_step, (self.params, self.kv, *args))
+        self._programs[shape] = prog
         return prog
 
     def precompile(self, run: Optional[bool] = None) -> float:
@@ -209,8 +243,15 @@ class ModelRunner:
             prog = self._program(shape, args)
             hidden = None
             if run:
-                result, _, hidden, self.kv = prog(self.params, self.kv, *args)
-                jax.block_until_ready(result)
+                try:
+                    result, _, hidden, self.kv = prog(self.params, self.kv, *args)
+                    jax.block_until_ready(result)
+                except jax.errors.JaxRuntimeError as exc:
+                    if self._name(shape) not in self._from_cache:
+                        raise
+                    prog = self._rebuild(shape, args, exc)
+                    result, _, hidden, self.kv = prog(self.params, self.kv, *args)
+                    jax.block_until_ready(result)
             if shape.max_q_len == shape.num_tokens and shape.num_tokens not in self._plp_programs:
                 if hidden is None:
                     out = prog.out_info[2]
@@ -218,7 +259,20 @@ class ModelRunner:
                 next_ids = np.zeros((shape.num_tokens,), np.int32)
                 plp = self._plp_program(hidden, next_ids)
                 if run:
-                    jax.block_until_ready(plp(self.params, hidden, next_ids))
+                    name = f"plp-{shape.num_tokens}"
+                    try:
+                        jax.block_until_ready(plp(self.params, hidden, next_ids))
+                    except jax.errors.JaxRuntimeError as exc:
+                        if name not in self._from_cache:
+                            raise
+                        logger.warning("program cache: %s failed to run (%s); compiling it "
+                                       "again", name, exc)
+                        self.program_cache.drop(name)
+                        self._from_cache.discard(name)
+                        self.programs_loaded -= 1
+                        plp = self._compile(name, self._jit_plp, (self.params, hidden, next_ids))
+                        self._plp_programs[shape.num_tokens] = plp
+                        jax.block_until_ready(plp(self.params, hidden, next_ids))
             logger.info("built step %s in %.2fs", shape.describe(), time.perf_counter() - t0)
         total = time.perf_counter() - t_start
         self.warm = True

@@ -305,3 +305,35 @@ def test_bfloat16_kv_cache_on_a_float32_model(model_dir, engine):
     assert sum(same) >= len(same) - 1, same
     with pytest.raises(ValueError, match="kv_cache_dtype"):
         EngineConfig(kv_cache_dtype="fp8")
+
+
+def test_program_cache_serves_a_second_start(model_dir, tmp_path):
+    """A second engine with the same settings loads every program from disk (no
+    trace), runs them, and gives the first engine's tokens; a damaged file is
+    rebuilt; another setting is another key."""
+    from serving.engine import compile_log
+
+    log = compile_log.install()
+    kw = dict(decode_buckets=(1, 8), prefill_buckets=(16, 32), precompile=True,
+              compile_cache_dir=str(tmp_path))
+    first = _engine(model_dir, **kw)
+    first.precompile()
+    assert first.runner.programs_loaded == 0
+    files = sorted(first.runner.program_cache.dir.glob("*.bin"))
+    assert len(files) == first.runner.num_programs() == 2 * len(first.plan.token_buckets)
+    reqs = {f"c{i}": (p, greedy(12)) for i, p in enumerate(PROMPTS)}
+    want = run(first, reqs)
+    traced = log.snapshot()["traces"]
+    second = _engine(model_dir, **kw)
+    second.precompile()
+    assert second.runner.programs_loaded == second.runner.num_programs()
+    got = run(second, reqs)
+    assert log.snapshot()["traces"] == traced  # nothing traced, lowered or compiled
+    for r in reqs:
+        assert got[r].outputs[0].token_ids == want[r].outputs[0].token_ids
+    files[0].write_bytes(b"not a program")  # a torn file is rebuilt, not fatal
+    third = _engine(model_dir, **kw)
+    third.precompile()
+    assert third.runner.programs_loaded == third.runner.num_programs() - 1
+    other = _engine(model_dir, **dict(kw, max_num_seqs=4))
+    assert other.runner.program_cache.dir != first.runner.program_cache.dir

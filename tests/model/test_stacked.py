@@ -16,11 +16,11 @@ import pytest
 from flax import nnx
 
 from model import api, stacked
-from model.attention import AttentionMetadata, KVCache
+from model.attention import KVCache
 from model.config import ModelConfig
 from model.decoder import DecoderLM
+from tests.sharding.tp_forward import NUM_PAGES as PAGES, PAGE_SIZE as PAGE, batch as tp_batch
 
-PAGE, PAGES = 8, 12
 
 
 def _config(kind: str, layers: int) -> ModelConfig:
@@ -39,20 +39,7 @@ def _config(kind: str, layers: int) -> ModelConfig:
 
 def _batch():
     """Query lengths 6, 3, 1 over contexts 6, 5, 5 (cached prefixes in the cache)."""
-    q_lens, ctx = [6, 3, 1], [6, 5, 5]
-    tables = np.array([[1, 2], [3, 4], [5, 6]], np.int32)
-    ids, pos, slots = [], [], []
-    rng = np.random.default_rng(0)
-    for s, (n, c) in enumerate(zip(q_lens, ctx)):
-        p = np.arange(c - n, c)
-        ids += list(rng.integers(0, 256, n))
-        pos += list(p)
-        slots += list(tables[s, p // PAGE] * PAGE + p % PAGE)
-    qsl = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
-    md = AttentionMetadata(block_tables=tables, seq_lens=np.array(ctx, np.int32),
-                           query_start_loc=qsl, slot_mapping=np.array(slots, np.int32),
-                           max_q_len=max(q_lens), attention_backend="xla")
-    return np.array(ids, np.int32), np.array(pos, np.int32), md
+    return tp_batch("xla")
 
 
 def _cache(config):
