@@ -7,7 +7,8 @@ tensor (3.9 s of SmolLM2's load). This reader decodes the header with
 the loaders use: ``fields`` (``name -> Field`` with ``contents()`` and
 ``data``) and ``tensors`` (``name``, ``tensor_type``, ``shape`` in ggml order,
 ``data`` shaped as ``GGUFReader`` shapes it, so ``gguf.quants.dequantize``
-takes it unchanged). Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
+takes it unchanged). ``read_metadata`` is the one header decoder; the
+tokenizer builder (``model/gguf_tokenizer.py``) reads only its keys with it. Layout: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md
 """
 
 from __future__ import annotations
@@ -16,17 +17,19 @@ import dataclasses
 import mmap
 import os
 import struct
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
-_MAGIC = b"GGUF"
-# GGUFValueType -> struct format of a scalar
-_SCALARS = {0: "B", 1: "b", 2: "H", 3: "h", 4: "I", 5: "i", 6: "f", 7: "?", 10: "Q",
-            11: "q", 12: "d"}
-_NUMPY = {0: np.uint8, 1: np.int8, 2: np.uint16, 3: np.int16, 4: np.uint32, 5: np.int32,
-          6: np.float32, 7: np.bool_, 10: np.uint64, 11: np.int64, 12: np.float64}
+GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian (gguf.constants.GGUF_MAGIC)
+_GGUF_VERSIONS = (2, 3)
+
+# gguf.GGUFValueType codes -> struct / numpy formats (little-endian files only).
 _STRING, _ARRAY = 8, 9
+_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
+               10: "<Q", 11: "<q", 12: "<d"}
+_NUMPY_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
+                10: "<u8", 11: "<i8", 12: "<f8"}
 
 
 @dataclasses.dataclass
@@ -62,18 +65,9 @@ class GGUFFile:
         with open(path, "rb") as f:
             self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
         buf = self._buf = memoryview(self._map)
-        if bytes(buf[:4]) != _MAGIC:
-            raise ValueError("not a GGUF file (bad magic)")
-        version, = struct.unpack_from("<I", buf, 4)
-        if version not in (2, 3):
-            raise ValueError(f"unsupported GGUF version {version}")
-        n_tensors, n_kv = struct.unpack_from("<QQ", buf, 8)
-        self._pos = 24
-        self.fields: dict[str, Field] = {}
-        for _ in range(n_kv):
-            key = self._string()
-            kind, = self._unpack("<I")
-            self.fields[key] = Field(key, self._value(kind))
+        metadata, self._pos = read_metadata(self._map, os.fspath(path))
+        self.fields: dict[str, Field] = {k: Field(k, v) for k, v in metadata.items()}
+        n_tensors, = struct.unpack_from("<Q", buf, 8)
         infos = []
         for _ in range(n_tensors):
             name = self._string()
@@ -97,34 +91,6 @@ class GGUFFile:
         self._pos = start + n
         return str(self._buf[start:self._pos], "utf-8")
 
-    def _value(self, kind: int):
-        if kind == _STRING:
-            return self._string()
-        if kind == _ARRAY:
-            sub, count = self._unpack("<IQ")
-            if sub == _STRING:
-                return self._strings(count)
-            if sub == _ARRAY:
-                return [self._value(_ARRAY) for _ in range(count)]
-            dtype = np.dtype(_NUMPY[sub]).newbyteorder("<")
-            arr = np.frombuffer(self._buf, dtype, count, self._pos).copy()
-            self._pos += count * dtype.itemsize
-            return arr
-        value, = self._unpack("<" + _SCALARS[kind])
-        return value
-
-    def _strings(self, count: int) -> list[str]:
-        buf, pos, out = self._buf, self._pos, []
-        unpack = struct.Struct("<Q").unpack_from
-        raw = self._map
-        for _ in range(count):
-            n, = unpack(buf, pos)
-            pos += 8
-            out.append(raw[pos:pos + n].decode("utf-8", errors="replace"))
-            pos += n
-        self._pos = pos
-        return out
-
     def _tensor(self, start: int, name: str, dims, kind: int, offset: int) -> Tensor:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
         from gguf.quants import quant_shape_to_byte_shape
@@ -144,3 +110,84 @@ class GGUFFile:
             np_dims = quant_shape_to_byte_shape(np_dims, qtype)
         data = np.frombuffer(self._buf, dtype, count, start + offset).reshape(np_dims)
         return Tensor(name, qtype, np.asarray(dims, np.uint64), data)
+
+
+def read_metadata(m, path: str, wanted: Callable[[str], bool] = lambda key: True
+                  ) -> tuple[dict, int]:
+    """Decodes a GGUF header's metadata: ``({key: value}, offset after it)``.
+
+    Keys ``wanted`` rejects are skipped without decoding. String arrays become
+    ``list[str]``, numeric arrays numpy arrays, scalars Python values.
+
+    Raises:
+        ValueError, struct.error, UnicodeDecodeError: not a readable GGUF header.
+    """
+    unpack = struct.unpack_from
+    magic, version, _tensor_count, kv_count = unpack("<IIQQ", m, 0)
+    if magic != GGUF_MAGIC:
+        raise ValueError(f"{path} does not start with the GGUF magic")
+    if version not in _GGUF_VERSIONS:
+        raise ValueError(f"{path} is GGUF version {version}; supported: {_GGUF_VERSIONS}")
+    pos = 24
+    out: dict = {}
+    for _ in range(kv_count):
+        (klen,) = unpack("<Q", m, pos)
+        pos += 8
+        key = m[pos:pos + klen].decode("utf-8")
+        pos += klen
+        (vtype,) = unpack("<I", m, pos)
+        pos += 4
+        keep = wanted(key)
+        value, pos = _read_value(m, pos, vtype, keep)
+        if keep:
+            out[key] = value
+    return out, pos
+
+
+def _read_value(m: mmap.mmap, pos: int, vtype: int, keep: bool):
+    unpack = struct.unpack_from
+    fmt = _SCALAR_FMT.get(vtype)
+    if fmt is not None:
+        return unpack(fmt, m, pos)[0], pos + struct.calcsize(fmt)
+    if vtype == _STRING:
+        (n,) = unpack("<Q", m, pos)
+        pos += 8
+        if pos + n > len(m):
+            raise ValueError("string runs past the end of the file")
+        return (m[pos:pos + n].decode("utf-8") if keep else None), pos + n
+    if vtype == _ARRAY:
+        etype, count = unpack("<IQ", m, pos)
+        pos += 12
+        dtype = _NUMPY_DTYPE.get(etype)
+        if dtype is not None:
+            nbytes = count * np.dtype(dtype).itemsize
+            if pos + nbytes > len(m):
+                raise ValueError("array runs past the end of the file")
+            value = np.frombuffer(m[pos:pos + nbytes], dtype=dtype) if keep else None
+            return value, pos + nbytes
+        if etype == _STRING:
+            if not keep:
+                for _ in range(count):
+                    (n,) = unpack("<Q", m, pos)
+                    pos += 8 + n
+                return None, pos
+            values = []
+            append = values.append
+            for _ in range(count):
+                (n,) = unpack("<Q", m, pos)
+                pos += 8
+                append(m[pos:pos + n].decode("utf-8"))
+                pos += n
+            if pos > len(m):
+                raise ValueError("string array runs past the end of the file")
+            return values, pos
+        if etype == _ARRAY:  # arrays of arrays: each element is a full array value
+            values = []
+            for _ in range(count):
+                value, pos = _read_value(m, pos, _ARRAY, keep)
+                values.append(value)
+            return (values if keep else None), pos
+        raise ValueError(f"unknown GGUF array element type {etype}")
+    raise ValueError(f"unknown GGUF value type {vtype}")
+
+

@@ -56,21 +56,13 @@ from pathlib import Path
 
 import numpy as np
 
+from model.gguf_fast import read_metadata
+
 logger = logging.getLogger(__name__)
 
 # Bump when the built tokenizer or the files saved change: old cache entries
 # are then simply not found.
 BUILDER_VERSION = 1
-
-GGUF_MAGIC = 0x46554747  # b"GGUF" little-endian (gguf.constants.GGUF_MAGIC)
-_GGUF_VERSIONS = (2, 3)
-
-# gguf.GGUFValueType codes -> struct / numpy formats (little-endian files only).
-_STRING, _ARRAY = 8, 9
-_SCALAR_FMT = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?",
-               10: "<Q", 11: "<q", 12: "<d"}
-_NUMPY_DTYPE = {0: "<u1", 1: "<i1", 2: "<u2", 3: "<i2", 4: "<u4", 5: "<i4", 6: "<f4", 7: "?",
-                10: "<u8", 11: "<i8", 12: "<f8"}
 
 # llama.cpp token types (gguf.TokenType)
 _CONTROL, _USER_DEFINED = 3, 4
@@ -112,79 +104,9 @@ def read_tokenizer_metadata(path: str | os.PathLike) -> dict:
             raise ValueError(f"{path} is not a GGUF file (only {size} bytes)")
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
             try:
-                return _read_metadata(m, path)
+                return read_metadata(m, path, _wanted)[0]
             except (struct.error, UnicodeDecodeError, IndexError) as err:
                 raise ValueError(f"{path}: unreadable GGUF metadata: {err}") from err
-
-
-def _read_metadata(m: mmap.mmap, path: str) -> dict:
-    unpack = struct.unpack_from
-    magic, version, _tensor_count, kv_count = unpack("<IIQQ", m, 0)
-    if magic != GGUF_MAGIC:
-        raise ValueError(f"{path} does not start with the GGUF magic")
-    if version not in _GGUF_VERSIONS:
-        raise ValueError(f"{path} is GGUF version {version}; supported: {_GGUF_VERSIONS}")
-    pos = 24
-    out: dict = {}
-    for _ in range(kv_count):
-        (klen,) = unpack("<Q", m, pos)
-        pos += 8
-        key = m[pos:pos + klen].decode("utf-8")
-        pos += klen
-        (vtype,) = unpack("<I", m, pos)
-        pos += 4
-        keep = _wanted(key)
-        value, pos = _read_value(m, pos, vtype, keep)
-        if keep:
-            out[key] = value
-    return out
-
-
-def _read_value(m: mmap.mmap, pos: int, vtype: int, keep: bool):
-    unpack = struct.unpack_from
-    fmt = _SCALAR_FMT.get(vtype)
-    if fmt is not None:
-        return unpack(fmt, m, pos)[0], pos + struct.calcsize(fmt)
-    if vtype == _STRING:
-        (n,) = unpack("<Q", m, pos)
-        pos += 8
-        if pos + n > len(m):
-            raise ValueError("string runs past the end of the file")
-        return (m[pos:pos + n].decode("utf-8") if keep else None), pos + n
-    if vtype == _ARRAY:
-        etype, count = unpack("<IQ", m, pos)
-        pos += 12
-        dtype = _NUMPY_DTYPE.get(etype)
-        if dtype is not None:
-            nbytes = count * np.dtype(dtype).itemsize
-            if pos + nbytes > len(m):
-                raise ValueError("array runs past the end of the file")
-            value = np.frombuffer(m[pos:pos + nbytes], dtype=dtype) if keep else None
-            return value, pos + nbytes
-        if etype == _STRING:
-            if not keep:
-                for _ in range(count):
-                    (n,) = unpack("<Q", m, pos)
-                    pos += 8 + n
-                return None, pos
-            values = []
-            append = values.append
-            for _ in range(count):
-                (n,) = unpack("<Q", m, pos)
-                pos += 8
-                append(m[pos:pos + n].decode("utf-8"))
-                pos += n
-            if pos > len(m):
-                raise ValueError("string array runs past the end of the file")
-            return values, pos
-        if etype == _ARRAY:  # arrays of arrays: each element is a full array value
-            values = []
-            for _ in range(count):
-                value, pos = _read_value(m, pos, _ARRAY, keep)
-                values.append(value)
-            return (values if keep else None), pos
-        raise ValueError(f"unknown GGUF array element type {etype}")
-    raise ValueError(f"unknown GGUF value type {vtype}")
 
 
 # --------------------------------------------------------------------------- building
