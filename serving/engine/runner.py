@@ -215,16 +215,24 @@ class ModelRunner:
             self.program_cache.store(name, prog)
         return prog
 
-    def _rebuild(self, shape: StepShape, args, exc: Exception) -> jax.stages.Compiled:
+    def _rebuild(self, name: str, jitted, args, exc: Exception) -> jax.stages.Compiled:
         """A cached program that failed to run: drop it, compile it afresh."""
-        name = self._name(shape)
         logger.warning("program cache: %s failed to run (%s); compiling it again", name, exc)
         self.program_cache.drop(name)
         self._from_cache.discard(name)
         self.programs_loaded -= 1
-        prog = self._compile(name, self._jit_step, (self.params, self.kv, *args))
-        self._programs[shape] = prog
-        return prog
+        return self._compile(name, jitted, args)
+
+    def _run_once(self, name: str, table: dict, key, jitted, make_args):
+        """Runs ``table[key]`` on ``make_args()`` (warm-up); a cached one that fails is rebuilt."""
+        try:
+            return jax.block_until_ready(table[key](*make_args()))
+        except jax.errors.JaxRuntimeError as exc:
+            if name not in self._from_cache:
+                raise
+            self.kv = self._alloc_kv()  # the failed call may have consumed the donated cache
+            table[key] = self._rebuild(name, jitted, make_args(), exc)
+            return jax.block_until_ready(table[key](*make_args()))
 
     def precompile(self, run: Optional[bool] = None) -> float:
         """Builds every program of the plan and runs each once; returns seconds.
@@ -243,36 +251,19 @@ class ModelRunner:
             prog = self._program(shape, args)
             hidden = None
             if run:
-                try:
-                    result, _, hidden, self.kv = prog(self.params, self.kv, *args)
-                    jax.block_until_ready(result)
-                except jax.errors.JaxRuntimeError as exc:
-                    if self._name(shape) not in self._from_cache:
-                        raise
-                    prog = self._rebuild(shape, args, exc)
-                    result, _, hidden, self.kv = prog(self.params, self.kv, *args)
-                    jax.block_until_ready(result)
+                _, _, hidden, self.kv = self._run_once(
+                    self._name(shape), self._programs, shape, self._jit_step,
+                    lambda: (self.params, self.kv, *args))
             if shape.max_q_len == shape.num_tokens and shape.num_tokens not in self._plp_programs:
                 if hidden is None:
                     out = prog.out_info[2]
                     hidden = jax.ShapeDtypeStruct(out.shape, out.dtype)
                 next_ids = np.zeros((shape.num_tokens,), np.int32)
-                plp = self._plp_program(hidden, next_ids)
+                self._plp_program(hidden, next_ids)
                 if run:
-                    name = f"plp-{shape.num_tokens}"
-                    try:
-                        jax.block_until_ready(plp(self.params, hidden, next_ids))
-                    except jax.errors.JaxRuntimeError as exc:
-                        if name not in self._from_cache:
-                            raise
-                        logger.warning("program cache: %s failed to run (%s); compiling it "
-                                       "again", name, exc)
-                        self.program_cache.drop(name)
-                        self._from_cache.discard(name)
-                        self.programs_loaded -= 1
-                        plp = self._compile(name, self._jit_plp, (self.params, hidden, next_ids))
-                        self._plp_programs[shape.num_tokens] = plp
-                        jax.block_until_ready(plp(self.params, hidden, next_ids))
+                    self._run_once(f"plp-{shape.num_tokens}", self._plp_programs,
+                                   shape.num_tokens, self._jit_plp,
+                                   lambda: (self.params, hidden, next_ids))
             logger.info("built step %s in %.2fs", shape.describe(), time.perf_counter() - t0)
         total = time.perf_counter() - t_start
         self.warm = True
