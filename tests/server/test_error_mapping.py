@@ -127,3 +127,15 @@ def test_full_queue_is_503_with_retry_after_and_counted(tokenizer, path, body, s
     line = [x for x in asyncio.run(metrics()).splitlines()
             if x.startswith("jax_serve:requests_rejected_total{")]
     assert line and float(line[0].rsplit(" ", 1)[1]) == 1.0, line
+
+
+def test_too_many_logit_bias_entries_is_a_400(tokenizer):
+    """OpenAI's cap of 300 entries (the sampler's table has a fixed width)."""
+    app = create_app(FakeEngine(tokenizer), ServerConfig())
+    bias = {str(t): 1.0 for t in range(301)}
+    status, body = _post(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2,
+                                                  "logit_bias": bias})
+    assert status == 400 and "at most 300" in body["error"]["message"], body
+    status, _ = _post(app, "/v1/completions", {"prompt": "hi", "max_tokens": 2,
+                                               "logit_bias": dict(list(bias.items())[:300])})
+    assert status == 200
